@@ -1,0 +1,48 @@
+# quantlab — `make help` lists every target.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# `make reproduce-*` data/checkpoint roots; ../shared/... is only the developers' reference copy.
+DATA   ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
+EPOCHS ?=
+export DATA EPOCHS
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-slow test-all bench compare reproduce-apot reproduce-alq clean
+
+help: ## list every target with one line each
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv (if missing) and install requirements.txt; quick when nothing changed
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/quantlab.pth', 'w').write('$(CURDIR)\n')"
+	$(PY) -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5); print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+test: setup ## run the test suite (the README's test command; CI runs it)
+	$(PY) -m pytest -q
+
+test-slow: setup ## run only the slow real-data tests
+	$(PY) -m pytest -q -m slow
+
+test-all: setup ## run every test, slow ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup ## run benchmarks/ and write CSV rows under results/bench/
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+compare: setup ## print published vs reproduced for every paper; writes results/RESULTS.md + charts
+	$(PY) -m common.compare
+
+reproduce-apot: setup ## APoT: CIFAR-10 ResNet-20 32/4/3/2-bit recipe (EPOCHS=), published checkpoints, compare
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash apot/reproduce.sh
+
+reproduce-alq: setup ## ALQ: LeNet5 --PRETRAIN --ALQ --POSTTRAIN on MNIST (DATA=), export, compare
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alq/reproduce.sh
+
+clean: ## remove caches (keeps .venv and results/)
+	find . -name __pycache__ -prune -exec rm -rf {} +

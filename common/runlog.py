@@ -1,0 +1,101 @@
+"""Run logging: a plain text log, a tensorboardX writer and a manifest saved next to every run.
+
+    log = RunLog("result/res20_4bit", args)   # writes manifest.json, opens log.txt and tensorboard
+    log.info("epoch 1 top1 91.2")
+    log.scalar("acc1_val", 91.2, step)
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import REPO_ROOT
+
+
+def git_commit():
+    """The repo's HEAD commit (with `-dirty` when the tree has changes), or `unknown`."""
+    try:
+        sha = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command_line():
+    """The command as the user typed it (script path plus arguments)."""
+    return " ".join([os.path.basename(sys.executable)] + sys.argv)
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+def manifest(args=None, seed=None, device=None):
+    """What is needed to rerun: command, resolved arguments, commit, library versions, device, seed."""
+    try:
+        import torchvision
+        tv = torchvision.__version__
+    except Exception:  # noqa: BLE001 - the manifest must never fail a run
+        tv = "unavailable"
+    if args is not None and not isinstance(args, dict):
+        args = vars(args)
+    return {
+        "command": command_line(),
+        "cwd": os.getcwd(),
+        "args": _jsonable(args or {}),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": tv,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "seed": seed,
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+class RunLog:
+    """Text log + tensorboardX + manifest.json in `run_dir`. `tensorboard=False` skips the writer."""
+
+    def __init__(self, run_dir, args=None, seed=None, device=None, tensorboard=True, quiet=False):
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+            json.dump(manifest(args, seed, device), f, indent=2)
+        self._text = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
+        self.quiet = quiet
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def info(self, msg):
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        self._text.write(line + "\n")
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def scalar(self, tag, value, step):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self._text.close()
