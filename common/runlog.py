@@ -11,8 +11,6 @@ import subprocess
 import sys
 import time
 
-import torch
-
 from common import REPO_ROOT
 
 
@@ -47,6 +45,7 @@ def _jsonable(v):
 
 def manifest(args=None, seed=None, device=None):
     """What is needed to rerun: command, resolved arguments, commit, library versions, device, seed."""
+    import torch  # imported here so that `common.results` (and `make compare`) start fast
     try:
         import torchvision
         tv = torchvision.__version__
