@@ -70,11 +70,11 @@ def key_of(row):
     return tuple(row.get(k) for k in KEY_FIELDS)
 
 
-def latest_by_key(records):
-    """Newest record per (model, dataset, setting, metric); ties go to the later line of the file."""
+def latest_by_key(records, extra=()):
+    """Newest record per (model, dataset, setting, metric) [+ extra fields]; ties go to the later line."""
     latest = {}
     for i, rec in enumerate(records):
-        k = key_of(rec)
+        k = key_of(rec) + tuple(rec.get(f) for f in extra)
         order = (rec.get("timestamp", ""), i)
         if k not in latest or order >= latest[k][0]:
             latest[k] = (order, rec)
@@ -140,9 +140,14 @@ def compare_paper(paper, records=None, directory=None):
     if records is None:
         records = load_records(paper, directory)
     latest = latest_by_key(records)
-    rows = []
+    # Prefer a record measured on the published split (APoT MNIST was published on 'train').
+    by_split = latest_by_key([dict(r, _split=base_split(r.get("split", ""))) for r in records], extra=("_split",))
+    rows, used = [], set()
     for prow in pub["rows"]:
-        rec = latest.get(key_of(prow))
+        rec = by_split.get(key_of(prow) + (base_split(prow.get("split", "")),)) or latest.get(key_of(prow))
+        if rec is not None:
+            used.add(key_of(rec) + (base_split(rec.get("split", "")),))
+            rec = {k: v for k, v in rec.items() if k != "_split"}
         rows.append({
             "published": prow,
             "record": rec,
@@ -150,8 +155,9 @@ def compare_paper(paper, records=None, directory=None):
             "notes": [] if rec is None else record_notes(rec, prow["split"]),
         })
     published_keys = {key_of(r) for r in pub["rows"]}
-    measured_only = [rec for k, rec in sorted(latest.items(), key=lambda kv: tuple(map(str, kv[0])))
-                     if k not in published_keys]
+    measured_only = [{k: v for k, v in rec.items() if k != "_split"}
+                     for k, rec in sorted(by_split.items(), key=lambda kv: tuple(map(str, kv[0])))
+                     if k[:-1] not in published_keys or k not in used]
     return dict(pub, rows=rows, measured_only=measured_only, n_records=len(records))
 
 

@@ -253,3 +253,17 @@ def test_bad_input_is_one_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: unknown paper 'nosuchpaper'")
     assert r.stdout == ""
+
+
+def test_prefers_record_on_published_split():
+    # APoT's MNIST numbers were published on the training split: a train-split record pairs with them even
+    # when a newer test-split record exists; the test-split record is still listed as measured only.
+    from common.compare import compare_paper
+    from common.results import record
+    record("apot", "resnet10", "mnist", "train", "W4A4", "top1", 99.6383, 60000)
+    record("apot", "resnet10", "mnist", "test", "W4A4", "top1", 98.77, 10000)
+    res = compare_paper("apot")
+    rows = [r for r in res["rows"] if r["published"]["model"] == "resnet10" and r["published"]["setting"] == "W4A4"
+            and r["published"]["dataset"] == "mnist"]
+    assert rows and all(r["record"]["split"] == "train" and r["record"]["value"] == 99.6383 for r in rows)
+    assert [m["value"] for m in res["measured_only"] if m["model"] == "resnet10"] == [98.77]

@@ -1,0 +1,135 @@
+"""Train/validate loops, checkpoint init and torchrun/DDP set-up shared by the APoT ImageNet and MNIST
+scripts (pytorch/examples imagenet style)."""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from common.checkpoint import extract_state_dict, load_checkpoint, load_model_state
+from common.device import get_device
+from common.errors import UserError
+from common.meters import AverageMeter, accuracy, progress
+
+ALPHA_KEYS = ("act_alpha", "weight_alpha")
+
+
+def setting_name(bit, power):
+    """Result-table setting: W4A4, W4A4-uniform, FP32."""
+    if bit == 32:
+        return "FP32"
+    return f"W{bit}A{bit}" + ("" if power else "-uniform")
+
+
+def setup_distributed(gpu=None):
+    """(distributed, rank, world_size, device). Distributed when launched by torchrun (WORLD_SIZE > 1):
+    nccl with one GPU per process when CUDA is available, gloo on CPU otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False, 0, 1, get_device(gpu)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend=backend)
+    return True, dist.get_rank(), world, device
+
+
+class Quiet:
+    """Stand-in for RunLog on ranks other than 0."""
+
+    def info(self, msg):
+        pass
+
+    def scalar(self, tag, value, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def load_pretrained(model, path, flag="--pretrained", ckpt=None, strict=False):
+    """Model weights from a checkpoint: those under 'state_dict' or 'model' (or a flat state dict),
+    `module.` stripped. For progressive initialisation (strict=False) clipping parameters (act_alpha,
+    weight_alpha) missing from a (full-precision) file keep their initial values; any other mismatch
+    is an error. strict=True (evaluation) allows no missing key at all."""
+    what = "checkpoint" if strict else "pretrained checkpoint"
+    if ckpt is None:
+        ckpt = load_checkpoint(path, what=what, flag=flag)
+    sd = extract_state_dict(ckpt, keys=("state_dict", "model"))
+    missing, unexpected = load_model_state(model, sd, strict=strict, what=f"{what} {path}")
+    bad = [k for k in missing if not k.endswith(ALPHA_KEYS)] + list(unexpected)
+    if bad:
+        raise UserError(f"pretrained checkpoint {path} does not match the model ({', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}); check -a/--arch")
+    return ckpt, missing
+
+
+def check_run_matches(ckpt, bit, power, arch=None, flag="--resume"):
+    """Checkpoints written by these scripts record bit/power/arch: refuse to resume/evaluate a different run."""
+    if not isinstance(ckpt, dict):
+        return
+    if isinstance(ckpt.get("bit"), int) and ckpt["bit"] != bit:
+        raise UserError(f"{flag} checkpoint is a {ckpt['bit']}-bit run but --bit is {bit}; pass --bit {ckpt['bit']}")
+    if isinstance(ckpt.get("power"), bool) and ckpt["power"] != power:
+        raise UserError(f"{flag} checkpoint was trained with --power {int(ckpt['power'])}; pass --power "
+                        f"{int(ckpt['power'])}")
+    if arch and isinstance(ckpt.get("arch"), str) and ckpt["arch"] != arch:
+        raise UserError(f"{flag} checkpoint is a {ckpt['arch']}; pass -a {ckpt['arch']}")
+
+
+def train(loader, model, criterion, optimizer, epoch, args, log, device, step, main_process=True):
+    """One epoch; logs loss/acc1/acc5/lr every --print-freq iterations. Returns (loss, top1, next step)."""
+    batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+    losses, top1, top5 = AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
+    model.train()
+    end = time.time()
+    for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch}", disable=not main_process or None)):
+        data_time.update(time.time() - end)
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = model(images)
+        loss = criterion(output, target)
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        losses.update(loss.item(), images.size(0))
+        top1.update(acc1, images.size(0))
+        top5.update(acc5, images.size(0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0:
+            log.info(f"Epoch: [{epoch}][{i}/{len(loader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}\t{top5}")
+            log.scalar("loss_train", losses.val, step)
+            log.scalar("acc1_train", top1.val, step)
+            log.scalar("acc5_train", top5.val, step)
+            log.scalar("lr", optimizer.param_groups[0]["lr"], step)
+        step += 1
+    return losses.avg, top1.avg, step
+
+
+@torch.no_grad()
+def validate(loader, model, criterion, device, distributed=False, desc="val"):
+    """(top1 %, top5 %, mean loss, n) over the loader; summed over ranks when distributed."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)        # correct1, correct5, loss*n, n
+    for images, target in progress(loader, desc=desc):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = model(images)
+        n = target.size(0)
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        sums += torch.stack([acc1.double() * n / 100, acc5.double() * n / 100,
+                             criterion(output, target).double() * n, torch.tensor(float(n), device=device)])
+    if distributed:
+        dist.all_reduce(sums)
+    c1, c5, loss, n = sums.tolist()
+    if n == 0:
+        raise UserError("the evaluation split is empty; check --data")
+    return round(c1) * 100.0 / n, round(c5) * 100.0 / n, loss / n, int(n)
+
+
+def show_params(model):
+    (model.module if hasattr(model, "module") else model).show_params()

@@ -1,0 +1,188 @@
+"""APoT ImageNet training/evaluation (pytorch/examples imagenet style).
+
+    python main.py -a resnet18 --bit 5 --data /path/to/imagenet
+    python main.py -a resnet18 --bit 4 --pretrained checkpoint/res18_5best.pth.tar     # progressive init
+    torchrun --nproc_per_node=8 main.py -a resnet18 --bit 4 ...                        # DDP (-b is the total)
+
+Fresh runs start from torchvision's full-precision weights (local file, see --fp-init), as the original's
+`pretrained=True`. Checkpoints go to checkpoint/res18_<bit>checkpoint.pth.tar and .../res18_<bit>best.pth.tar.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.utils.data
+import torchvision.transforms as transforms
+
+from apot.ImageNet import engine, models
+from apot.ImageNet.models.resnet import load_torchvision_weights
+from common import data as cdata
+from common.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from common.device import seed_everything
+from common.errors import UserError, cli
+from common.results import record
+from common.runlog import RunLog
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+parser = argparse.ArgumentParser(description="APoT ImageNet Training")
+parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", choices=ARCHS,
+                    help="model architecture: " + " | ".join(ARCHS) + " (default: resnet18)")
+parser.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers (default: 4)")
+parser.add_argument("--epochs", default=120, type=int, metavar="N", help="number of total epochs to run")
+parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number")
+parser.add_argument("-b", "--batch-size", default=1024, type=int, metavar="N",
+                    help="mini-batch size (default: 1024), the total over all processes under torchrun")
+parser.add_argument("--bit", default=5, type=int, help="the bit-width of the quantized network (32: full precision)")
+parser.add_argument("--data", metavar="DATA_PATH", default="./data/",
+                    help="path to imagenet data with train/ and val/ (default: ./data/)")
+parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, metavar="LR", help="initial learning rate",
+                    dest="lr")
+parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum")
+parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", help="weight decay (default: 1e-4)",
+                    dest="weight_decay")
+parser.add_argument("-p", "--print-freq", default=30, type=int, metavar="N", help="print frequency (default: 30)")
+parser.add_argument("--resume", default="", type=str, metavar="PATH",
+                    help="checkpoint to resume from (model, optimizer, scheduler, epoch, best, RNG)")
+parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true", help="evaluate model on validation set")
+parser.add_argument("--pretrained", default="", type=str, metavar="PATH",
+                    help="progressive init from a higher-bit checkpoint ('state_dict' or 'model' key)")
+parser.add_argument("--fp-init", default="auto", metavar="PATH|auto|none",
+                    help="full-precision init for fresh runs: a torchvision state dict; 'auto' looks in "
+                         "$TORCH_HOME/hub/checkpoints (the original's pretrained=True); 'none' = random init")
+parser.add_argument("--power", default=1, type=int, choices=(0, 1),
+                    help="(A)PoT (1) or uniform (0) quantization (default: 1)")
+parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
+parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
+parser.add_argument("--checkpoint-dir", default="checkpoint", help="where checkpoints go (default: checkpoint)")
+
+
+def run_tag(args):
+    """res18_5, res34_4uniform_ ... as in the original's res18_4best.pth.tar."""
+    return f"res{args.arch[len('resnet'):]}_{args.bit}" + ("" if args.power else "uniform_")
+
+
+def build_data(args, distributed, rank, world):
+    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    input_size = 224
+    val_set = cdata.imagenet(args.data, "val", transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(input_size), transforms.ToTensor(), normalize]))
+    if distributed:                     # every rank scores a disjoint slice; counts are all-reduced
+        val_set = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    if args.evaluate:
+        return None, None, val_loader
+    train_set = cdata.imagenet(args.data, "train", transforms.Compose([
+        transforms.Resize(256), transforms.RandomCrop(input_size), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalize]))
+    sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed or 0) if distributed else None
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None,
+                                               sampler=sampler, num_workers=args.workers,
+                                               pin_memory=torch.cuda.is_available())
+    return sampler, train_loader, val_loader
+
+
+def main():
+    args = parser.parse_args()
+    power = bool(args.power)
+    models.check_bit(args.bit, power)
+    ckpt = load_checkpoint(args.resume, what="resume checkpoint", flag="--resume") if args.resume else None
+    if args.print_freq < 1 or args.batch_size < 1:
+        raise UserError("-p/--print-freq and -b/--batch-size must be positive")
+    distributed, rank, world, device = engine.setup_distributed(args.gpu)
+    main_process = rank == 0
+    if distributed:
+        if args.batch_size < world:
+            raise UserError(f"-b {args.batch_size} is smaller than the {world} processes; raise -b")
+        args.batch_size = args.batch_size // world          # -b is the total batch over all processes
+        args.workers = (args.workers + world - 1) // world
+    if args.seed is not None:
+        seed_everything(args.seed, deterministic=True)
+    sampler, train_loader, val_loader = build_data(args, distributed, rank, world)   # fail fast on bad --data
+    tag = run_tag(args)
+    say = print if main_process else (lambda *a, **k: None)
+
+    say(f"=> creating model '{args.arch}' (bit {args.bit}, {'APoT' if power else 'uniform'})")
+    model = models.__dict__[args.arch](bit=args.bit, power=power)
+    if args.pretrained:
+        say(f"=> loading pre-trained model from {args.pretrained}")
+        engine.load_pretrained(model, args.pretrained)
+        if main_process:
+            model.show_params()
+    elif not args.resume and args.fp_init != "none":
+        load_torchvision_weights(model, args.arch, None if args.fp_init == "auto" else args.fp_init)
+        say(f"=> full-precision init from torchvision {args.arch} weights")
+    model.to(device)
+
+    criterion = nn.CrossEntropyLoss().to(device)
+    # The original ImageNet main puts every parameter, act_alpha/weight_alpha included, in one SGD group
+    # with --lr and --wd (its per-alpha groups are commented out).
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[30, 60, 90], gamma=0.1)
+    say("Total params: %.2fM" % (sum(p.numel() for p in model.parameters()) / 1e+6))
+
+    best_acc1, start_epoch = 0.0, args.start_epoch
+    if args.resume:
+        engine.check_run_matches(ckpt, args.bit, power, args.arch)
+        if args.evaluate:
+            engine.load_pretrained(model, args.resume, flag="--resume", ckpt=ckpt, strict=True)
+        else:
+            start_epoch, best = restore_training_state(ckpt, model, optimizer, scheduler)
+            best_acc1 = float(best if best is not None else ckpt.get("best_acc1", 0.0))
+            if "scheduler" not in ckpt:        # a checkpoint of the original script: no scheduler state
+                scheduler.last_epoch = start_epoch
+        say(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
+
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.seed is None
+
+    setting = engine.setting_name(args.bit, power)
+    if args.evaluate:
+        acc1, acc5, loss, n = engine.validate(val_loader, model, criterion, device, distributed)
+        say(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+        if main_process:
+            engine.show_params(model)
+            record("apot", model=args.arch, dataset="imagenet", split="val", setting=setting, metric="top1",
+                   value=acc1, n_samples=n, extra={"top5": acc5, "loss": loss, "checkpoint": args.resume or
+                                                   args.pretrained or "fp-init"})
+        return
+
+    run_dir = os.path.join("runs", f"{args.arch}_{args.bit}bit" + ("" if power else "_uniform"))
+    log = RunLog(run_dir, args, seed=args.seed, device=device) if main_process else engine.Quiet()
+    os.makedirs(args.checkpoint_dir, exist_ok=True)
+    step = start_epoch * len(train_loader)
+    for epoch in range(start_epoch, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        _, _, step = engine.train(train_loader, model, criterion, optimizer, epoch, args, log, device, step,
+                                  main_process)
+        acc1, acc5, loss, n_val = engine.validate(val_loader, model, criterion, device, distributed)
+        scheduler.step()
+        log.scalar("loss_val", loss, step)
+        log.scalar("acc1_val", acc1, step)
+        log.scalar("acc5_val", acc5, step)
+        is_best = acc1 > best_acc1
+        best_acc1 = max(acc1, best_acc1)
+        log.info(f" * Epoch {epoch} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}")
+        if main_process:
+            engine.show_params(model)
+            state = training_state(model, optimizer, scheduler, epoch + 1, best_acc1, arch=args.arch, bit=args.bit,
+                                   power=power, best_acc1=best_acc1)
+            save_checkpoint(state, os.path.join(args.checkpoint_dir, tag + "checkpoint.pth.tar"))
+            if is_best:
+                save_checkpoint(state, os.path.join(args.checkpoint_dir, tag + "best.pth.tar"))
+    if main_process and args.epochs > start_epoch:
+        record("apot", model=args.arch, dataset="imagenet", split="val", setting=setting, metric="top1",
+               value=best_acc1, n_samples=n_val,
+               extra={"selection": "best epoch on val (as the published numbers)", "epochs": args.epochs})
+    log.close()
+    if distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main)()

@@ -1,0 +1,242 @@
+"""APoT quantized layers, new generation (ImageNet/MNIST, since May 2020; notes §3.3).
+
+QuantConv2d(bit, power, additive, grad_scale) owns two scalar parameters, `act_alpha` (6.0) and
+`weight_alpha` (3.0); its state_dict keys are exactly `weight`, (`bias`,) `act_alpha`, `weight_alpha`.
+The helper modules `weight_quant` and `act_alq` hold only non-persistent level buffers (no keys).
+
+Weights (bit b): normalise w^ = (w - mean)/std over the whole tensor (unbiased std, gradient flows
+through the statistics), then
+  power, b > 2 : alpha * Pi_{+-Q^a(1, b-1)}(clamp(w^/alpha, -1, 1))          (apot_quantization, STE)
+  b == 2       : alpha * round(clamp(w^/alpha, -1, 1)), calibrated gradient (uq_with_calibrated_graditens)
+  uniform, b>2 : alpha * round(clamp(w^/alpha, -1, 1) * (2^(b-1)-1)) / (2^(b-1)-1)  (STE)
+Activations (bit b, post-ReLU): alpha * Pi_{Q^a(1, b)}(clamp(a/alpha, 0, 1)), or uniform with 2^b-1 steps.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from apot.apot_levels import build_power_value, nearest_level
+from common.errors import UserError
+
+__all__ = ["build_power_value", "gradient_scale", "apot_quantization", "uq_with_calibrated_graditens",
+           "uq_with_calibrated_gradients", "uniform_quantization", "weight_quantize_fn", "act_quantization",
+           "QuantConv2d", "first_conv", "last_fc", "check_bit"]
+
+
+def check_bit(bit, power=True):
+    """Bit-widths the quantizers support; anything else is a UserError."""
+    ok = (2 <= bit <= 6) if power else (2 <= bit <= 16)
+    if isinstance(bit, bool) or not isinstance(bit, int) or not (ok or bit == 32):
+        kind = "APoT (power)" if power else "uniform"
+        raise UserError(f"--bit {bit} is not supported for {kind} quantization; use "
+                        f"{'2..6' if power else '2..16'} or 32 (full precision)")
+
+
+def gradient_scale(x, scale):
+    """Value x, gradient scaled by `scale`."""
+    y_grad = x * scale
+    return (x - y_grad).detach() + y_grad
+
+
+def apot_quantization(tensor, alpha, proj_set, is_weight=True, grad_scale=None):
+    """alpha * nearest level of clamp(tensor/alpha) in proj_set (signed for weights), with the STE.
+
+    Gradients by autograd: d/dtensor = 1 inside the clamp range, 0 outside; d/dalpha = q - x inside,
+    sign(x) above the range (weights) or 1 above / 0 below (activations).
+    """
+    if grad_scale:
+        alpha = gradient_scale(alpha, grad_scale)
+    data = tensor / alpha
+    if is_weight:
+        data = data.clamp(-1, 1)
+        hard = nearest_level(data.abs(), proj_set).mul(data.sign())
+    else:
+        data = data.clamp(0, 1)
+        hard = nearest_level(data, proj_set)
+    data_q = (hard - data).detach() + data
+    return data_q * alpha
+
+
+class _CalibratedTernary(torch.autograd.Function):
+    """round(clamp(x/alpha, -1, 1)) * alpha; the weight gradient is passed through unclipped ("calibrated")."""
+
+    @staticmethod
+    def forward(ctx, tensor, alpha, grad_scale):
+        x = tensor / alpha
+        x_q = x.clamp(min=-1, max=1).round()
+        ctx.save_for_backward(x, x_q)
+        ctx.grad_scale = grad_scale
+        return x_q.mul(alpha)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, x_q = ctx.saved_tensors
+        outside = (x.abs() > 1.).float()
+        grad_alpha = (grad_output * (x.sign() * outside + (x_q - x) * (1 - outside))).sum()
+        if ctx.grad_scale:
+            grad_alpha = grad_alpha * ctx.grad_scale
+        return grad_output.clone(), grad_alpha, None
+
+
+def uq_with_calibrated_graditens(grad_scale=None):
+    """The original's (misspelt) name: returns f(weight, alpha) for 2-bit ternary weights."""
+    def quantize(tensor, alpha):
+        return _CalibratedTernary.apply(tensor, alpha, grad_scale)
+    return quantize
+
+
+uq_with_calibrated_gradients = uq_with_calibrated_graditens
+
+
+def uniform_quantization(tensor, alpha, bit, is_weight=True, grad_scale=None):
+    """Uniform levels with the STE: 2^(b-1)-1 steps per sign for weights, 2^b-1 for activations."""
+    if grad_scale:
+        alpha = gradient_scale(alpha, grad_scale)
+    data = tensor / alpha
+    steps = 2 ** (bit - 1) - 1 if is_weight else 2 ** bit - 1
+    data = data.clamp(-1, 1) if is_weight else data.clamp(0, 1)
+    data = data * steps
+    data_q = (data.round() - data).detach() + data
+    return data_q / steps * alpha
+
+
+class weight_quantize_fn(nn.Module):
+    """Normalise then quantize a weight tensor: `weight_quant(weight, alpha)`. No parameters of its own
+    (alpha is the owning QuantConv2d's `weight_alpha`), so it adds no state_dict keys."""
+
+    def __init__(self, w_bit, power=True, additive=True, grad_scale=None):
+        super().__init__()
+        check_bit(w_bit, power)
+        self.w_bit, self.power, self.grad_scale = w_bit, power, grad_scale
+        grid = build_power_value(w_bit - 1, additive) if power and 2 < w_bit < 32 else torch.empty(0)
+        self.register_buffer("grid", grid, persistent=False)
+
+    def forward(self, weight, alpha):
+        if self.w_bit == 32:
+            return weight
+        weight = weight.add(-weight.mean()).div(weight.std())     # normalisation, grad through mean/std
+        if self.w_bit == 2:
+            return uq_with_calibrated_graditens(self.grad_scale)(weight, alpha)
+        if self.power:
+            return apot_quantization(weight, alpha, self.grid, True, self.grad_scale)
+        return uniform_quantization(weight, alpha, self.w_bit, True, self.grad_scale)
+
+    def extra_repr(self):
+        return f"w_bit={self.w_bit}, power={self.power}"
+
+
+class act_quantization(nn.Module):
+    """Quantize post-ReLU activations: `act_alq(x, alpha)` (APoT levels `grid`, or uniform)."""
+
+    def __init__(self, b, grid=None, power=True, grad_scale=None):
+        super().__init__()
+        check_bit(b, power)
+        self.b, self.power, self.grad_scale = b, power, grad_scale
+        if grid is None:
+            grid = build_power_value(b, additive=True) if power and b != 32 else torch.empty(0)
+        self.register_buffer("grid", grid, persistent=False)
+
+    def forward(self, x, alpha):
+        if self.b == 32:
+            return x
+        if self.power:
+            return apot_quantization(x, alpha, self.grid, False, self.grad_scale)
+        return uniform_quantization(x, alpha, self.b, False, self.grad_scale)
+
+    def extra_repr(self):
+        return f"b={self.b}, power={self.power}"
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d with APoT (power=True) or uniform weights and input activations; bit=32 is a plain conv.
+
+    Attributes as in the paper README: `bit`, `weight_quant`, `act_grid`, `act_alq`, `act_alpha`,
+    plus `weight_alpha`. Setting `bit`, `power` or `additive` rebuilds the quantizers.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, bit=5, power=True, additive=True, grad_scale=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.layer_type = "QuantConv2d"
+        self._bit, self._power, self._additive, self.grad_scale = bit, power, additive, grad_scale
+        self._build()
+        self.act_alpha = nn.Parameter(torch.tensor(6.0))
+        self.weight_alpha = nn.Parameter(torch.tensor(3.0))
+
+    def _build(self):
+        check_bit(self._bit, self._power)
+        dev = self.weight.device
+        if self._power and self._bit != 32:
+            act_grid = build_power_value(self._bit, additive=self._additive).to(dev)
+        else:
+            act_grid = torch.empty(0, device=dev)
+        self.register_buffer("act_grid", act_grid, persistent=False)
+        self.weight_quant = weight_quantize_fn(w_bit=self._bit, power=self._power, additive=self._additive,
+                                               grad_scale=self.grad_scale).to(dev)
+        self.act_alq = act_quantization(self._bit, self.act_grid, power=self._power, grad_scale=self.grad_scale)
+
+    def _setter(name):
+        def get(self):
+            return getattr(self, "_" + name)
+
+        def set_(self, value):
+            setattr(self, "_" + name, value)
+            self._build()
+        return property(get, set_)
+
+    bit = _setter("bit")
+    power = _setter("power")
+    additive = _setter("additive")
+    del _setter
+
+    @property
+    def proj_set_weight(self):
+        return self.weight_quant.grid
+
+    @property
+    def proj_set_act(self):
+        return self.act_grid
+
+    def forward(self, x):
+        if self._bit == 32:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight = self.weight_quant(self.weight, self.weight_alpha)
+        x = self.act_alq(x, self.act_alpha)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def show_params(self):
+        if self._bit != 32:
+            wgt_alpha = round(self.weight_alpha.data.item(), 3)
+            act_alpha = round(self.act_alpha.data.item(), 3)
+            print("clipping threshold weight alpha: {:2f}, activation alpha: {:2f}".format(wgt_alpha, act_alpha))
+
+
+def _int8_signed_max(weight):
+    """8-bit weights scaled by the signed max (not max|w|) and not clamped; straight-through."""
+    w_max = weight.data.max()
+    weight_q = weight.div(w_max).mul(127).round().div(127).mul(w_max)
+    return (weight_q - weight).detach() + weight
+
+
+class first_conv(nn.Conv2d):
+    """First layer: 8-bit weights (signed max), full-precision input."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.layer_type = "FConv2d"
+
+    def forward(self, x):
+        return F.conv2d(x, _int8_signed_max(self.weight), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class last_fc(nn.Linear):
+    """Last layer: 8-bit weights (signed max), full-precision input, bias kept."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias)
+        self.layer_type = "LFC"
+
+    def forward(self, x):
+        return F.linear(x, _int8_signed_max(self.weight), self.bias)
