@@ -1,0 +1,674 @@
+"""Training loops and the three stages of the ALQ pipeline (PRETRAIN, ALQ, POSTTRAIN), shared by
+lenet5.py, vgg.py and resnet.py, which only define the network, the data and their defaults.
+
+Stage recipe (Qu et al., CVPR 2020, Alg. 1 and Sec. 4; schedule as in the original scripts):
+  ALQ        init (structured sketching), then R times: epoch_basis epochs of basis steps (lr *= ld_basis
+             before each), epoch_coord epochs of coordinate steps (lr *= ld_coord), epoch_prune epochs of
+             pruning; the quantized model is saved after every pruning.
+  POSTTRAIN  basis steps by STE with a full-precision shadow (lr = lr*0.95^(e+1)), then 20 epochs of
+             coordinate steps (x0.9 per epoch); the best-validation model is kept.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+
+from binarynet import STRUCTURES, average_bitwidth, make_binary_layers, split_parameters
+from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from common.device import get_device, get_rng_state, seed_everything, set_rng_state
+from common.errors import UserError
+from common.meters import progress
+from common.results import record
+from common.runlog import RunLog
+from myoptimizer import ALQ_optimizer
+from pack import KB, export_packed, load_packed, storage_breakdown, storage_KB
+
+TOPK = (1, 5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: an in-memory batch iterator (MNIST/CIFAR as tensors; no per-sample PIL work) and the split
+
+
+class TensorLoader:
+    """Batches of in-memory tensors. `images` (N, ...) uint8/float, `targets` (N,) int64; `transform` maps a
+    batch of images to network input (e.g. ToTensor+Normalize, vectorised). Shuffles with the global torch
+    RNG (seeded), keeps the last partial batch like DataLoader(drop_last=False)."""
+
+    def __init__(self, images, targets, batch_size, shuffle=False, transform=None):
+        self.images, self.targets = images, torch.as_tensor(targets)
+        self.batch_size, self.shuffle, self.transform = batch_size, shuffle, transform
+
+    def __len__(self):
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.targets)
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            x = self.images[idx]
+            yield (self.transform(x) if self.transform is not None else x), self.targets[idx]
+
+    @property
+    def num_samples(self):
+        return len(self.targets)
+
+
+def split_indices(n, val_size, seed):
+    """(val, train) index tensors: the original's random_split(train_full, [val_size, rest]), but seeded."""
+    if not 0 < val_size < n:
+        raise UserError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:val_size], perm[val_size:]
+
+
+def num_samples(loader):
+    return loader.num_samples if hasattr(loader, "num_samples") else len(loader.dataset)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One pass over a loader
+
+
+def _count_correct(output, target, correct):
+    maxk = min(max(TOPK), output.size(1))
+    pred = output.topk(maxk, 1, True, True).indices.t()
+    hit = pred.eq(target.reshape(1, -1).expand_as(pred))
+    for i, k in enumerate(TOPK):
+        correct[i] += hit[:k].reshape(-1).float().sum().item()
+
+
+def run_epoch(net, loader, loss_func, device, step=None, train=True, desc=None):
+    """Forward every batch; with `step` (a callable run after backward) the parameters are updated.
+    `train` sets the module mode (BN batch statistics); pruning updates in eval mode, as the original.
+    Returns {'loss', 'top1', 'top5', 'n'} (accuracies in percent)."""
+    net.train(train)
+    total_loss, batches, total, correct = 0.0, 0, 0, [0.0] * len(TOPK)
+    with torch.set_grad_enabled(step is not None):
+        for inputs, labels in progress(loader, desc=desc, total=len(loader)):
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if step is not None:
+                net.zero_grad(set_to_none=True)
+            outputs = net(inputs)
+            loss = loss_func(outputs, labels)
+            if step is not None:
+                loss.backward()
+                step()
+            _count_correct(outputs.detach(), labels, correct)
+            total += labels.size(0)
+            total_loss += loss.item()
+            batches += 1
+    return {"loss": total_loss / max(batches, 1), "top1": 100.0 * correct[0] / max(total, 1),
+            "top5": 100.0 * correct[1] / max(total, 1), "n": total}
+
+
+def validate(net, loader, loss_func, device, desc="val"):
+    return run_epoch(net, loader, loss_func, device, train=False, desc=desc)
+
+
+test = validate
+
+
+def train_fullprecision(net, loader, loss_func, optimizer, device, desc="pretrain"):
+    return run_epoch(net, loader, loss_func, device, step=optimizer.step, desc=desc)
+
+
+def _alq_step(optimizer_w, optimizer_b, parameters_w_bin, mode, pruning_rate=None):
+    def step():
+        optimizer_b.step()
+        optimizer_w.step(parameters_w_bin, mode, pruning_rate)
+    return step
+
+
+def train_coordinate(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="coord"):
+    return run_epoch(net, loader, loss_func, device, _alq_step(optimizer_w, optimizer_b, parameters_w_bin,
+                                                               "coordinate"), desc=desc)
+
+
+def train_basis(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="basis"):
+    return run_epoch(net, loader, loss_func, device, _alq_step(optimizer_w, optimizer_b, parameters_w_bin,
+                                                               "basis"), desc=desc)
+
+
+def train_basis_STE(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="ste"):
+    return run_epoch(net, loader, loss_func, device, _alq_step(optimizer_w, optimizer_b, parameters_w_bin,
+                                                               "ste"), desc=desc)
+
+
+def prune(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, pruning_rate, device,
+          desc="prune"):
+    """One pruning epoch: one prune step per batch, in eval mode (BN running statistics), as the original."""
+    return run_epoch(net, loader, loss_func, device,
+                     _alq_step(optimizer_w, optimizer_b, parameters_w_bin, "coordinate", pruning_rate), train=False,
+                     desc=desc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which parameters are quantized, and building their multi-bit forms
+
+
+def check_layer_flags(names_w, params_w, structure, subc, max_bit):
+    L = len(params_w)
+    for flag, v in (("--structure", structure), ("--subc", subc), ("--max_bit", max_bit)):
+        if v is None or len(v) != L:
+            raise UserError(f"{flag} needs one value per quantized layer: this network has {L} "
+                            f"({', '.join(names_w)}), got {0 if v is None else len(v)}")
+    for i, (name, p) in enumerate(zip(names_w, params_w)):
+        if not 1 <= max_bit[i] <= 16:
+            raise UserError(f"--max_bit {max_bit[i]} for {name} is impossible; use 1..16 bits")
+        if p.dim() == 2:
+            if structure[i] != "subchannelwise":
+                raise UserError(f"{name} is fully connected and needs --structure subchannelwise, got {structure[i]}")
+            if subc[i] < 1 or p.shape[1] % subc[i]:
+                raise UserError(f"--subc {subc[i]} for {name} must be >= 1 and divide its {p.shape[1]} inputs")
+        elif structure[i] not in STRUCTURES[:3]:
+            raise UserError(f"{name} is a convolution and needs kernelwise, pixelwise or channelwise, "
+                            f"got {structure[i]}")
+
+
+def initialize(net, structure, num_subchannel, max_bit, legacy_sign_flip=True):
+    """Structured sketching of every quantized weight; the net's weights become their reconstructions.
+    Returns (parameters_w, parameters_b, parameters_w_bin)."""
+    names_w, params_w, params_b = split_parameters(net)
+    check_layer_flags(names_w, params_w, structure, num_subchannel, max_bit)
+    params_bin = make_binary_layers(names_w, params_w, structure, num_subchannel, max_bit,
+                                    legacy_sign_flip=legacy_sign_flip)
+    with torch.no_grad():
+        for p, pb in zip(params_w, params_bin):
+            p.copy_(pb.reconstruct_w())
+    return params_w, params_b, params_bin
+
+
+def bit_report(params_bin):
+    """Lines: per layer #valid coordinates and bitwidth, then the network's average bitwidth."""
+    lines = [f"  {p.name:<28s} {p.structure:<15s} groups {p.num_groups:>6d} x {p.group_size:<5d} "
+             f"alphas {p.num_bin_filter:>7d}  bits {p.avg_bit:.4f}" for p in params_bin]
+    lines.append(f"  average bitwidth: {average_bitwidth(params_bin):.4f} bits/weight")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: tensors and primitives only (load with weights_only=True)
+
+
+def resume_path(path):
+    root, ext = os.path.splitext(path)
+    return root + ".resume" + (ext or ".pth")
+
+
+def save_model_ori(file_name, net, optimizer, **extra):
+    state = {"net_state_dict": net.state_dict(), "optimizer_state_dict": optimizer.state_dict()}
+    state.update(extra)
+    save_checkpoint(state, file_name)
+
+
+def save_model(file_name, net, optimizer_w, optimizer_b, parameters_w_bin, stage, **extra):
+    state = {"net_state_dict": net.state_dict(),
+             "optimizer_w_state_dict": optimizer_w.state_dict(),
+             "optimizer_b_state_dict": optimizer_b.state_dict(),
+             "parameters_w_bin": {p.name: p.state_dict() for p in parameters_w_bin},
+             "stage": stage, "avg_bit": average_bitwidth(parameters_w_bin)}
+    state.update(extra)
+    save_checkpoint(state, file_name)
+
+
+def load_net_state(net, ckpt, path, flag):
+    if not isinstance(ckpt, dict) or "net_state_dict" not in ckpt:
+        raise UserError(f"{path} has no 'net_state_dict'; it is not a checkpoint of this script ({flag})")
+    load_model_state(net, ckpt["net_state_dict"], strict=True, what=f"checkpoint {path}")
+
+
+def load_quantized(path, net, legacy_sign_flip=True, what="quantized model", flag="--model"):
+    """Rebuild (ckpt, parameters_w, parameters_b, parameters_w_bin) from a file written by save_model."""
+    ckpt = load_checkpoint(path, what=what, flag=flag)
+    load_net_state(net, ckpt, path, flag)
+    names_w, params_w, params_b = split_parameters(net)
+    stored = ckpt.get("parameters_w_bin")
+    if not isinstance(stored, dict) or sorted(stored) != sorted(names_w):
+        raise UserError(f"{path} holds no multi-bit layers for this network (expected {', '.join(names_w)}); "
+                        f"pass the file written by --ALQ with {flag}")
+    structure = [stored[n]["structure"] for n in names_w]
+    subc = [int(stored[n]["num_subchannel"]) for n in names_w]
+    max_bit = [int(stored[n]["max_bit"]) for n in names_w]
+    params_bin = make_binary_layers(names_w, params_w, structure, subc, max_bit, init=False,
+                                    legacy_sign_flip=legacy_sign_flip)
+    for n, pb in zip(names_w, params_bin):
+        try:
+            pb.load_state_dict(stored[n])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path}: multi-bit layer {n} does not match the network ({e})") from None
+    return ckpt, params_w, params_b, params_bin
+
+
+def make_alq_optimizers(params_w, params_b, args):
+    optimizer_b = torch.optim.Adam(params_b, weight_decay=args.wd)
+    optimizer_w = ALQ_optimizer(params_w, weight_decay=args.wd,
+                                legacy_importance_index=not args.fix_importance_index)
+    return optimizer_w, optimizer_b
+
+
+def load_optimizers(ckpt, optimizer_w, optimizer_b, path):
+    try:
+        optimizer_w.load_state_dict(ckpt["optimizer_w_state_dict"])
+        optimizer_b.load_state_dict(ckpt["optimizer_b_state_dict"])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: optimizer state does not match this network ({e})") from None
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers:
+        opt.param_groups[0]["lr"] = lr
+
+
+def scale_lr(optimizers, factor):
+    for opt in optimizers:
+        opt.param_groups[0]["lr"] *= factor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line shared by the three scripts (per-script defaults passed in)
+
+
+def alq_argparser(description, defaults, dataset_help):
+    """Every flag of the original scripts, with the script's defaults, plus this project's additions."""
+    d = defaults
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=str, default="./data", help=dataset_help)
+    p.add_argument("--val_size", type=int, default=d["val_size"],
+                   help="the number of training samples held out for validation")
+    p.add_argument("--model_ori", type=str, default=d["model_ori"],
+                   help="the file of the original full precision model")
+    p.add_argument("--model", type=str, default=d["model"], help="the file of the quantized model (--ALQ output)")
+    p.add_argument("--PRETRAIN", action="store_true", help="train the original full precision model")
+    p.add_argument("--ALQ", action="store_true", help="adaptive loss-aware quantize the model")
+    p.add_argument("--POSTTRAIN", action="store_true", help="posttrain the final quantized model (loads --model)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate")
+    p.add_argument("--R", type=int, default=d["R"], help="the number of outer iterations, also the number of pruning")
+    p.add_argument("--epoch_prune", type=int, default=1, help="the number of epochs for pruning")
+    p.add_argument("--epoch_basis", type=int, default=d["epoch_basis"],
+                   help="the number of epochs for optimizing bases")
+    p.add_argument("--ld_basis", type=float, default=0.8, help="learning rate decay factor for optimizing bases")
+    p.add_argument("--epoch_coord", type=int, default=d["epoch_coord"],
+                   help="the number of epochs for optimizing coordinates")
+    p.add_argument("--ld_coord", type=float, default=d["ld_coord"],
+                   help="learning rate decay factor for optimizing coordinates")
+    p.add_argument("--wd", type=float, default=0.0, help="weight decay (on the coordinates and the FP parameters)")
+    p.add_argument("--pr", type=float, default=d["pr"], help="the pruning ratio of alpha")
+    p.add_argument("--top_k", type=float, default=d["top_k"],
+                   help="the ratio of selected alpha in each layer for resorting")
+    p.add_argument("--structure", type=str, nargs="+", choices=list(STRUCTURES), default=d.get("structure"),
+                   help="the structure-wise used in each layer")
+    p.add_argument("--subc", type=int, nargs="+", default=d.get("subc"),
+                   help="number of subchannels when using subchannelwise")
+    p.add_argument("--max_bit", type=int, nargs="+", default=d.get("max_bit"),
+                   help="the maximum bitwidth used in initialization")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"],
+                   help="the number of training samples in each batch")
+    g = p.add_argument_group("quantlab additions")
+    g.add_argument("--model_post", type=str, default=None,
+                   help="where POSTTRAIN keeps its best model (default: --model with '_post' before the extension)")
+    g.add_argument("--export", type=str, default=None, metavar="PATH",
+                   help="write the quantized model bit-packed to PATH (after the stages run, else from the newest "
+                        "of --model_post/--model), reload it, check it is bit-identical and evaluate it")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a killed stage from its last finished epoch (<file>.resume.pth) and skip "
+                        "stages already finished")
+    g.add_argument("--seed", type=int, default=1, help="seed of the validation split, shuffling and pruning draws")
+    g.add_argument("--workers", type=int, default=min(d["workers"], os.cpu_count() or 1),
+                   help="data loading worker processes (image folders only)")
+    g.add_argument("--fix_sign_flip", action="store_true",
+                   help="apply the basis sign flip the original loses in basis/STE steps (DEVIATIONS.md)")
+    g.add_argument("--fix_importance_index", action="store_true",
+                   help="rank pruning candidates across layers by their true importance (DEVIATIONS.md)")
+    g.add_argument("--val_no_aug", action="store_true",
+                   help="validate without the training augmentation (the original validates with it)")
+    g.add_argument("--log_dir", type=str, default=None, help="run log directory (default ./logs/<model>)")
+    g.add_argument("--pretrain_epochs", type=int, default=d["pretrain_epochs"],
+                   help="PRETRAIN epochs (the original's fixed recipe)")
+    g.add_argument("--post_epochs", type=int, nargs=2, default=d["post_epochs"], metavar=("STE", "COORD"),
+                   help="POSTTRAIN epochs of STE basis steps and of coordinate steps (the original's fixed recipe)")
+    g.add_argument("--train_limit", type=int, default=None, metavar="N",
+                   help="use only the first N training images after the validation split (smoke tests)")
+    return p
+
+
+def model_post_path(args):
+    if args.model_post:
+        return args.model_post
+    root, ext = os.path.splitext(args.model)
+    return root + "_post" + (ext or ".pth")
+
+
+def check_args(args):
+    for flag in ("lr", "ld_basis", "ld_coord", "top_k", "pr"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be non-negative, got {getattr(args, flag)}")
+    for flag in ("R", "epoch_prune", "epoch_basis", "epoch_coord"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.pretrain_epochs < 0 or min(args.post_epochs) < 0:
+        raise UserError("--pretrain_epochs and --post_epochs must be >= 0")
+    if args.train_limit is not None and args.train_limit < 1:
+        raise UserError(f"--train_limit must be >= 1, got {args.train_limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stages
+
+
+class Stage:
+    """Shared context of a pipeline run: net factory, loaders, loss, device, log and args."""
+
+    def __init__(self, args, build_net, loaders, device, log, post_coord_lr=None):
+        self.args, self.build_net, self.device, self.log = args, build_net, device, log
+        self.train_loader, self.val_loader, self.test_loader = loaders
+        self.loss_func = torch.nn.CrossEntropyLoss().to(device)
+        self.post_epochs, self.post_coord_lr = tuple(args.post_epochs), post_coord_lr
+
+    def fmt(self, s):
+        return f"loss {s['loss']:.4f} top1 {s['top1']:.2f} top5 {s['top5']:.2f}"
+
+    def evaluate(self, net, which):
+        loader = self.val_loader if which == "val" else self.test_loader
+        s = validate(net, loader, self.loss_func, self.device, desc=which)
+        self.log.info(f"  {which}: {self.fmt(s)} ({s['n']} images)")
+        return s
+
+
+def pretrain(st, make_optimizer, lr_schedule, epochs):
+    """Train the FP model; keep the best-validation one in --model_ori (and a resume file per epoch)."""
+    args, log = st.args, st.log
+    net = st.build_net().to(st.device)
+    optimizer = make_optimizer(net)
+    rpath, start = resume_path(args.model_ori), 0
+    best_acc = None
+    if args.resume and os.path.exists(rpath):
+        ck = load_checkpoint(rpath, what="pretrain resume file")
+        load_net_state(net, ck, rpath, "--model_ori")
+        optimizer.load_state_dict(ck["optimizer_state_dict"])
+        start, best_acc = int(ck["epoch"]), float(ck["best_acc"])
+        set_rng_state(ck["rng"])
+        log.info(f"resuming PRETRAIN at epoch {start} (best val {best_acc:.2f})")
+    if best_acc is None:
+        best_acc = st.evaluate(net, "val")["top1"]
+        save_model_ori(args.model_ori, net, optimizer, epoch=0, val_top1=best_acc)
+    for epoch in range(start, epochs):
+        lr_schedule(optimizer, epoch)
+        t0 = time.time()
+        s = train_fullprecision(net, st.train_loader, st.loss_func, optimizer, st.device, desc=f"pretrain {epoch}")
+        log.info(f"pretrain epoch {epoch} lr {optimizer.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+                 f"({time.time() - t0:.0f}s)")
+        v = st.evaluate(net, "val")["top1"]
+        log.scalar("pretrain/train_loss", s["loss"], epoch)
+        log.scalar("pretrain/val_top1", v, epoch)
+        if v > best_acc:
+            best_acc = v
+            save_model_ori(args.model_ori, net, optimizer, epoch=epoch + 1, val_top1=v)
+        save_model_ori(rpath, net, optimizer, epoch=epoch + 1, best_acc=best_acc, rng=get_rng_state())
+    mark_finished(args.model_ori)
+    if os.path.exists(rpath):
+        os.remove(rpath)
+    return best_acc
+
+
+def mark_finished(path):
+    """Tag a stage's output as complete, so that --resume skips the stage."""
+    ck = load_checkpoint(path)
+    ck["finished"] = True
+    save_checkpoint(ck, path)
+
+
+def is_finished(path):
+    if not os.path.exists(path):
+        return False
+    try:
+        return bool(load_checkpoint(path).get("finished", False))
+    except UserError:
+        return False
+
+
+def alq_schedule(args):
+    """The ALQ stage as a flat list of (r, phase, epoch-in-phase); resume continues at an index."""
+    sched = []
+    for r in range(args.R):
+        sched += [(r, "basis", e) for e in range(args.epoch_basis)]
+        sched += [(r, "coord", e) for e in range(args.epoch_coord)]
+        sched += [(r, "prune", e) for e in range(args.epoch_prune)]
+    return sched
+
+
+def alq(st):
+    """Init by structured sketching, then R rounds of basis / coordinate / pruning epochs; saves --model."""
+    args, log, device = st.args, st.log, st.device
+    legacy_flip = not args.fix_sign_flip
+    net = st.build_net().to(device)
+    rpath = resume_path(args.model)
+    sched = alq_schedule(args)
+    num_batches = math.ceil(num_samples(st.train_loader) / args.batch_size)
+    # M_p: fraction of the candidates pruned per step so that ~pr of the alphas go per pruning (Sec. 3.3)
+    M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
+    if args.resume and os.path.exists(rpath):
+        ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what="ALQ resume file")
+        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
+        load_optimizers(ck, optimizer_w, optimizer_b, rpath)
+        start, best_acc = int(ck["next"]), float(ck["best_acc"])
+        set_rng_state(ck["rng"])
+        log.info(f"resuming ALQ at step {start}/{len(sched)}")
+    else:
+        ck = load_checkpoint(args.model_ori, what="full-precision model", flag="--model_ori")
+        load_net_state(net, ck, args.model_ori, "--model_ori")
+        log.info("initialization (structured sketching)...")
+        t0 = time.time()
+        params_w, params_b, params_bin = initialize(net, args.structure, args.subc, args.max_bit, legacy_flip)
+        log.info(f"  done in {time.time() - t0:.1f}s\n{bit_report(params_bin)}")
+        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
+        best_acc = st.evaluate(net, "val")["top1"]
+        st.evaluate(net, "test")
+        save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-init")
+        start = 0
+    opts = (optimizer_w, optimizer_b)
+    for i in range(start, len(sched)):
+        r, phase, e = sched[i]
+        if i == 0 or sched[i - 1][0] != r:  # every outer iteration restarts at --lr
+            set_lr(opts, args.lr)
+        t0 = time.time()
+        if phase == "basis":
+            scale_lr(opts, args.ld_basis)
+            s = train_basis(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
+                            desc=f"r{r} basis {e}")
+        elif phase == "coord":
+            scale_lr(opts, args.ld_coord)
+            s = train_coordinate(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
+                                 desc=f"r{r} coord {e}")
+        else:
+            s = prune(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
+                      device, desc=f"r{r} prune {e}")
+        log.info(f"ALQ r {r} {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+                 f"({time.time() - t0:.0f}s)")
+        v = st.evaluate(net, "val")["top1"]
+        step = i + 1
+        log.scalar("alq/train_loss", s["loss"], step)
+        log.scalar("alq/val_top1", v, step)
+        log.scalar("alq/avg_bit", average_bitwidth(params_bin), step)
+        if phase == "prune":
+            best_acc = v  # the original resets best_acc after every pruning
+            log.info(bit_report(params_bin))
+            st.evaluate(net, "test")
+            save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", round=r)
+        elif v > best_acc:
+            best_acc = v
+        save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-resume", next=step,
+                   best_acc=best_acc, rng=get_rng_state())
+    save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True)
+    if os.path.exists(rpath):
+        os.remove(rpath)
+    return net, params_bin
+
+
+def posttrain(st):
+    """STE basis steps with a full-precision shadow, then coordinate steps; keeps the best-validation model in
+    --model_post. Loads the quantized model (--model) written by --ALQ, so it can run on its own."""
+    args, log, device = st.args, st.log, st.device
+    legacy_flip = not args.fix_sign_flip
+    net = st.build_net().to(device)
+    out = model_post_path(args)
+    rpath = resume_path(out)
+    ste_epochs, coord_epochs = st.post_epochs
+    sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
+    if args.resume and os.path.exists(rpath):
+        ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what="POSTTRAIN resume file")
+        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
+        load_optimizers(ck, optimizer_w, optimizer_b, rpath)
+        start, best_acc = int(ck["next"]), float(ck["best_acc"])
+        set_rng_state(ck["rng"])
+        log.info(f"resuming POSTTRAIN at step {start}/{len(sched)}")
+    else:
+        log.info(f"load quantized model {args.model} ...")
+        ck, params_w, params_b, params_bin = load_quantized(args.model, net, legacy_flip)
+        if str(ck.get("stage", "")).startswith("ALQ-init"):
+            log.info("  note: this is the model right after initialization (the ALQ stage did not finish)")
+        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
+        load_optimizers(ck, optimizer_w, optimizer_b, args.model)
+        with torch.no_grad():  # the net holds the reconstruction; STE's shadow starts from it (w_FP)
+            for p, pb in zip(params_w, params_bin):
+                p.copy_(pb.reconstruct_w())
+        log.info(bit_report(params_bin))
+        best_acc = st.evaluate(net, "val")["top1"]
+        st.evaluate(net, "test")
+        set_lr((optimizer_w, optimizer_b), args.lr)
+        save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=0, val_top1=best_acc)
+        start = 0
+    opts = (optimizer_w, optimizer_b)
+    for i in range(start, len(sched)):
+        phase, e = sched[i]
+        t0 = time.time()
+        if phase == "ste":
+            scale_lr(opts, 0.95)
+            s = train_basis_STE(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
+                                desc=f"ste {e}")
+        else:
+            if e == 0 and st.post_coord_lr is not None:
+                set_lr(opts, st.post_coord_lr)
+            scale_lr(opts, 0.9)
+            s = train_coordinate(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
+                                 desc=f"post coord {e}")
+        log.info(f"POSTTRAIN {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+                 f"({time.time() - t0:.0f}s)")
+        v = st.evaluate(net, "val")["top1"]
+        log.scalar("posttrain/train_loss", s["loss"], i + 1)
+        log.scalar("posttrain/val_top1", v, i + 1)
+        if v > best_acc:
+            best_acc = v
+            save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=i + 1, val_top1=v)
+        save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN-resume", next=i + 1,
+                   best_acc=best_acc, rng=get_rng_state())
+    mark_finished(out)
+    if os.path.exists(rpath):
+        os.remove(rpath)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run: stages, then evaluation of the final quantized model, result records and export
+
+
+def _final_model(args, ran):
+    post = model_post_path(args)
+    if "POSTTRAIN" in ran:
+        return post
+    if "ALQ" in ran:
+        return args.model
+    cands = [p for p in (post, args.model) if os.path.exists(p)]
+    if not cands:
+        raise UserError(f"no quantized model to export: neither {post} nor {args.model} exists; run --ALQ first")
+    return max(cands, key=os.path.getmtime)
+
+
+def published(arch, dataset):
+    """The paper's row for this model ({metric: value}) from common/published/alq.json, or {}."""
+    try:
+        from common.compare import load_published
+        rows = load_published("alq")["rows"]
+    except Exception:  # noqa: BLE001 - the table is informative only
+        return {}
+    return {r["metric"]: r["value"] for r in rows if r["model"] == arch and r["dataset"] == dataset
+            and r["setting"] == "ALQ"}
+
+
+def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, post_coord_lr=None,
+                 split_name="test"):
+    """PRETRAIN / ALQ / POSTTRAIN as asked, then evaluate and record the final quantized model; --export packs it.
+
+    pretrain_recipe(st) runs the script's own full-precision training; make_loaders(args) -> (train, val, test).
+    """
+    check_args(args)
+    if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
+        raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
+    seed_everything(args.seed)
+    device = get_device()
+    log = RunLog(args.log_dir or os.path.join("logs", arch), args, seed=args.seed, device=device)
+    loaders = make_loaders(args)
+    st = Stage(args, build_net, loaders, device, log, post_coord_lr)
+    ran, times = [], {}
+    for name, flag, fn, out in (("PRETRAIN", args.PRETRAIN, pretrain_recipe, args.model_ori),
+                                ("ALQ", args.ALQ, alq, args.model),
+                                ("POSTTRAIN", args.POSTTRAIN, posttrain, model_post_path(args))):
+        if flag and args.resume and is_finished(out):
+            log.info(f"== {name}: already finished ({out}), skipped (--resume) ==")
+            ran.append(name)
+        elif flag:
+            log.info(f"== {name} ==")
+            t0 = time.time()
+            fn(st)
+            times[name] = time.time() - t0
+            ran.append(name)
+            log.info(f"== {name} done in {times[name] / 60:.1f} min ==")
+    if ran == ["PRETRAIN"] and not args.export:
+        log.close()
+        return
+    src = _final_model(args, ran)
+    net = build_net().to(device)
+    ck, _, _, params_bin = load_quantized(src, net, not args.fix_sign_flip)
+    posttrained = str(ck.get("stage", "")).startswith("POSTTRAIN")
+    setting = "ALQ" if posttrained else "ALQ-before-POSTTRAIN"
+    bits, skb = average_bitwidth(params_bin), storage_KB(params_bin)
+    log.info(f"final quantized model {src} ({ck.get('stage')}):\n{bit_report(params_bin)}")
+    extra = {"source": os.path.abspath(src), "stage": ck.get("stage"), "seed": args.seed, "KB": f"{KB} bytes",
+             **storage_breakdown(params_bin),
+             "stage_minutes": {k: round(v / 60, 2) for k, v in times.items()}}
+    packed_kb = None
+    if args.export:
+        size = export_packed(args.export, arch, net, params_bin)
+        net2 = build_net().to(device)
+        load_packed(args.export, net2, arch=arch)
+        net.eval()
+        net2.eval()
+        x, _ = next(iter(st.test_loader))
+        with torch.no_grad():
+            same = torch.equal(net(x.to(device)), net2(x.to(device)))
+        if not same:
+            raise RuntimeError(f"packed model {args.export} does not reproduce the network's outputs bit for bit")
+        packed_kb = size / KB
+        log.info(f"exported {args.export}: {size} bytes = {packed_kb:.2f} KB on disk (paper-defined weight storage "
+                 f"{skb:.2f} KB); reloaded outputs are bit-identical")
+        net = net2  # the numbers below are measured on the model rebuilt from the packed file
+        extra["packed_file"] = os.path.abspath(args.export)
+    s = st.evaluate(net, "test")
+    log.info(f"RESULT {arch} {dataset} {setting}: top1 {s['top1']:.2f}%  avg bits {bits:.4f}  "
+             f"storage {skb:.2f} KB" + (f"  packed file {packed_kb:.2f} KB" if packed_kb is not None else ""))
+    pub = published(arch, dataset)
+    if pub:
+        log.info("PAPER  " + "  ".join(f"{k} {v:g}" for k, v in pub.items()) + "  (README, storage in KB)")
+    n = s["n"]
+    record("alq", arch, dataset, split_name, setting, "top1", s["top1"], n, extra=extra)
+    record("alq", arch, dataset, "n/a", setting, "avg_bits", bits, n, extra=extra)
+    record("alq", arch, dataset, "n/a", setting, "storage_KB", skb, n, extra=extra)
+    if packed_kb is not None:
+        record("alq", arch, dataset, "n/a", setting, "packed_KB", packed_kb, n, extra=extra)
+    log.close()

@@ -1,0 +1,263 @@
+"""APoT on CIFAR-10 (old quantizer generation): train or evaluate a CIFAR ResNet at --bit bits.
+
+    python main.py --arch res20 --bit 32 --wd 5e-4                       # full-precision model first
+    python main.py --bit 4 --init PATH-TO-FULL-PRECISION-MODEL           # then progressive initialisation
+    python main.py --bit 4 -e --resume result/res20_4bit/model_best.pth.tar
+
+Flags follow the original CIFAR10/main.py; --resume really resumes (weights, optimizer, schedule, epoch,
+best, RNG) and --data/--seed/--workers/--save-dir are additions (see apot/DEVIATIONS.md).
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torchvision.transforms as transforms
+
+from apot.CIFAR10.models import MODELS, QuantConv2d
+from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
+                               save_checkpoint, strip_module_prefix, training_state)
+from common.data import cifar10
+from common.device import get_device, seed_everything
+from common.errors import UserError, run_main
+from common.meters import AverageMeter, accuracy, progress
+from common.results import record
+from common.runlog import RunLog
+
+BITS = (2, 3, 4, 5, 32)
+MILESTONES = [150, 225]            # ×0.1 for every parameter group (the original's adjust_learning_rate)
+ALPHA_KEYS = ('act_alpha', 'wgt_alpha')
+
+parser = argparse.ArgumentParser(description='PyTorch Cifar10 Training')
+parser.add_argument('--epochs', default=300, type=int, metavar='N', help='number of total epochs to run')
+parser.add_argument('-a', '--arch', metavar='ARCH', default='res20', help='|'.join(MODELS) + ' (default: res20)')
+parser.add_argument('--start-epoch', default=0, type=int, metavar='N', help='manual epoch number (useful on restarts)')
+parser.add_argument('-b', '--batch-size', default=128, type=int, metavar='N',
+                    help='mini-batch size (default: 128), only used for train')
+parser.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR', help='initial learning rate')
+parser.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum')
+parser.add_argument('--weight-decay', '--wd', default=1e-4, type=float, metavar='W', help='weight decay (default: 1e-4)')
+parser.add_argument('--print-freq', '-p', default=100, type=int, metavar='N', help='print frequency (default: 100)')
+parser.add_argument('--resume', default='', type=str, metavar='PATH',
+                    help='checkpoint to resume training from (with -e: the checkpoint to evaluate)')
+parser.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
+                    help='evaluate the --resume/--init model on the test set, then show the clipping parameters')
+parser.add_argument('-ct', '--cifar-type', default='10', type=int, metavar='CT',
+                    help='10 for cifar10 (accepted for compatibility; only CIFAR-10 is supported)')
+parser.add_argument('--init', help='initialize from a pre-trained full-precision or higher-bit model', type=str,
+                    default='')
+parser.add_argument('-id', '--device', default=None, type=str,
+                    help='gpu device(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES; default 0 unless it is set)')
+parser.add_argument('--bit', default=4, type=int, help='the bit-width of the quantized network (2-5, 32 = float)')
+parser.add_argument('--data', default='./data', metavar='DIR',
+                    help='CIFAR-10 root: cifar-10-batches-py/ or train/<class>/*.png + test/<class>/*.png')
+parser.add_argument('--seed', default=None, type=int, help='random seed (default: drawn at random and logged)')
+parser.add_argument('-j', '--workers', default=2, type=int, metavar='N', help='data loading workers (default: 2)')
+parser.add_argument('--save-dir', default='', metavar='DIR', help='output directory (default: result/<arch>_<bit>bit)')
+
+
+def build_model(args):
+    """The CIFAR ResNet for --arch/--bit; 32 bits keeps plain convs inside the blocks."""
+    if args.arch not in MODELS:
+        raise UserError(f"unknown architecture '{args.arch}'; choose one of {', '.join(MODELS)}")
+    if args.bit not in BITS:
+        raise UserError(f"--bit {args.bit} is not supported; use 2, 3, 4, 5 or 32 (full precision)")
+    builder, _ = MODELS[args.arch]
+    if args.bit == 32:
+        return builder(float=True)
+    return builder(float=False, bit=args.bit)
+
+
+def param_groups(model):
+    """One group per parameter, as the original: fixed lr/wd for the clipping parameters α."""
+    groups = []
+    for name, p in model.named_parameters():
+        if 'act_alpha' in name:
+            groups.append({'params': [p], 'lr': 1e-1, 'weight_decay': 1e-4})
+        elif 'wgt_alpha' in name:
+            groups.append({'params': [p], 'lr': 2e-2, 'weight_decay': 1e-4})
+        else:
+            groups.append({'params': [p]})
+    return groups
+
+
+def load_init(model, path):
+    """--init: load a full-precision or higher-bit model; only the α keys may be missing or extra."""
+    sd = strip_module_prefix(extract_state_dict(load_checkpoint(path, what='--init model', flag='--init')))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad = [k for k in missing + unexpected if not k.endswith(ALPHA_KEYS)]
+    if bad:
+        raise UserError(f"--init model {path} does not match --arch/--bit: {len(bad)} non-clipping key(s) differ, "
+                        f"e.g. {bad[0]}; pass a checkpoint of the same architecture")
+    load_model_state(model, sd, strict=False, what=f'--init model {path}')
+    return missing
+
+
+def data_loaders(args, device):
+    normalize = transforms.Normalize(mean=[0.491, 0.482, 0.447], std=[0.247, 0.243, 0.262])
+    pin = device.type == 'cuda'
+    test_dataset = cifar10(args.data, train=False, transform=transforms.Compose([transforms.ToTensor(), normalize]))
+    testloader = torch.utils.data.DataLoader(test_dataset, batch_size=100, shuffle=False,
+                                             num_workers=args.workers, pin_memory=pin)
+    if args.evaluate:
+        return None, testloader
+    train_dataset = cifar10(args.data, train=True, transform=transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ]))
+    trainloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True,
+                                              num_workers=args.workers, pin_memory=pin)
+    return trainloader, testloader
+
+
+def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=100, log=None):
+    """One epoch of SGD; returns (average loss, average top-1, list of per-iteration losses)."""
+    batch_time, data_time = AverageMeter('Time', ':.3f'), AverageMeter('Data', ':.3f')
+    losses, top1 = AverageMeter('Loss', ':.4f'), AverageMeter('Prec', ':.3f')
+    history = []
+    model.train()
+    end = time.time()
+    bar = progress(trainloader, desc=f'epoch {epoch}', total=len(trainloader))
+    for i, (input, target) in enumerate(bar):
+        data_time.update(time.time() - end)
+        input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
+
+        output = model(input)
+        loss = criterion(output, target)
+        prec = accuracy(output, target)[0]
+        losses.update(loss.item(), input.size(0))
+        top1.update(prec.item(), input.size(0))
+        history.append(loss.item())
+
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+        batch_time.update(time.time() - end)
+        end = time.time()
+        bar.set_postfix(loss=f'{losses.avg:.4f}', prec=f'{top1.avg:.2f}')
+        if log is not None and i % print_freq == 0:
+            log.info(f'Epoch: [{epoch}][{i}/{len(trainloader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}')
+    return losses.avg, top1.avg, history
+
+
+def validate(val_loader, model, criterion, device, print_freq=100, log=print):
+    """Top-1 (percent) and loss on the test set."""
+    batch_time, losses, top1 = AverageMeter('Time', ':.3f'), AverageMeter('Loss', ':.4f'), AverageMeter('Prec', ':.3f')
+    model.eval()
+    end = time.time()
+    with torch.no_grad():
+        for i, (input, target) in enumerate(progress(val_loader, desc='test', total=len(val_loader))):
+            input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            output = model(input)
+            loss = criterion(output, target)
+            prec = accuracy(output, target)[0]
+            losses.update(loss.item(), input.size(0))
+            top1.update(prec.item(), input.size(0))
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if i % print_freq == 0:
+                log(f'Test: [{i}/{len(val_loader)}]\t{batch_time}\t{losses}\t{top1}')
+    log(f' * Prec {top1.avg:.3f}% ')
+    return top1.avg, losses.avg
+
+
+def record_result(args, prec, n_samples, extra):
+    _, model_name = MODELS[args.arch]
+    return record('apot', model=model_name, dataset='cifar10', split='test',
+                  setting='FP32' if args.bit == 32 else f'W{args.bit}A{args.bit}', metric='top1', value=prec,
+                  n_samples=n_samples, extra=extra)
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.cifar_type != 10:
+        raise UserError(f"-ct {args.cifar_type}: only CIFAR-10 is supported (the original ignores this flag too)")
+    if args.device is not None or 'CUDA_VISIBLE_DEVICES' not in os.environ:
+        os.environ['CUDA_VISIBLE_DEVICES'] = args.device or '0'     # as the original (-id 0,1)
+    if args.evaluate and not (args.resume or args.init):
+        raise UserError("-e needs a model to evaluate: pass --resume PATH (or --init PATH)")
+    seed = seed_everything(args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little'))
+    model = build_model(args)
+    device = get_device()
+    fdir = args.save_dir or os.path.join('result', f'{args.arch}_{args.bit}bit')
+
+    if args.init:
+        missing = load_init(model, args.init)
+        print(f"=> initialised from {args.init}" + (f" ({len(missing)} clipping parameters keep their defaults)"
+                                                     if missing else ""))
+    model = model.to(device)
+    criterion = nn.CrossEntropyLoss().to(device)
+    optimizer = torch.optim.SGD(param_groups(model), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, MILESTONES, gamma=0.1)
+    scheduler.last_epoch = args.start_epoch      # like the original: milestones before --start-epoch never fire
+    best_prec, start_epoch = 0.0, args.start_epoch
+
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, what='checkpoint', flag='--resume')
+        if args.evaluate:
+            load_model_state(model, extract_state_dict(ckpt), strict=True, what=f'checkpoint {args.resume}')
+        else:
+            start_epoch, best = restore_training_state(ckpt, model, optimizer, scheduler)
+            best_prec = float(best if best is not None else ckpt.get('best_prec', 0.0))
+            if 'scheduler' not in ckpt:              # a checkpoint of the original main.py
+                scheduler.last_epoch = start_epoch
+            print(f"=> resumed {args.resume} at epoch {start_epoch} (best {best_prec:.3f})")
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        if torch.cuda.device_count() > 1:
+            model = nn.DataParallel(model)
+    net = model.module if isinstance(model, nn.DataParallel) else model
+
+    trainloader, testloader = data_loaders(args, device)
+    n_test = len(testloader.dataset)
+    print(f"=> CIFAR-10 test set: {getattr(testloader.dataset, 'size_note', n_test)}")
+
+    if args.evaluate:
+        prec, _ = validate(testloader, model, criterion, device, args.print_freq)
+        net.show_params()
+        ckpt_path = args.resume or args.init
+        record_result(args, prec, n_test, {'checkpoint': os.path.abspath(ckpt_path), 'mode': 'evaluate'})
+        return prec
+
+    log = RunLog(fdir, args, seed=seed, device=device)
+    log.info(f"=> {args.arch} {args.bit}-bit, {len(trainloader.dataset)} train / {n_test} test images, "
+             f"epochs {start_epoch}..{args.epochs}, output {fdir}")
+    prec = None
+    for epoch in range(start_epoch, args.epochs):
+        if epoch % 10 == 1:
+            net.show_params()
+        loss, train_prec, _ = train(trainloader, model, criterion, optimizer, epoch, device, args.print_freq, log)
+        prec, test_loss = validate(testloader, model, criterion, device, args.print_freq, log.info)
+        scheduler.step()
+        log.scalar('test_acc', prec, epoch)
+        log.scalar('test_loss', test_loss, epoch)
+        log.scalar('train_loss', loss, epoch)
+        log.scalar('train_acc', train_prec, epoch)
+        log.scalar('lr', optimizer.param_groups[0]['lr'], epoch)
+
+        is_best = prec > best_prec
+        best_prec = max(prec, best_prec)
+        log.info(f'best acc: {best_prec:1f}')
+        state = training_state(net, optimizer, scheduler, epoch=epoch + 1, best=best_prec, best_prec=best_prec,
+                               arch=args.arch, bit=args.bit)
+        save_checkpoint(state, os.path.join(fdir, 'checkpoint.pth.tar'))
+        if is_best:
+            save_checkpoint(state, os.path.join(fdir, 'model_best.pth.tar'))
+    if prec is not None:
+        # the original reports the best test accuracy over all epochs (model_best.pth.tar)
+        record_result(args, best_prec, n_test, {'mode': 'train', 'selection': 'best epoch on the test set',
+                                                'last_epoch_top1': prec, 'epochs': args.epochs,
+                                                'checkpoint': os.path.abspath(os.path.join(fdir, 'model_best.pth.tar'))})
+    log.close()
+    return best_prec
+
+
+if __name__ == '__main__':
+    run_main(main)

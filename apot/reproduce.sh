@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# make reproduce-apot: APoT end to end.
+#   1. evaluate the authors' published checkpoints (CKPT, default ../shared/checkpoints/apot, if present):
+#      CIFAR-10 ResNet-20 32/4/3/2-bit on the CIFAR-10 test images under DATA, MNIST ResNet-10 2-5-bit
+#      APoT and uniform on MNIST;
+#   2. train the CIFAR-10 ResNet-20 progressive recipe 32 -> 4 -> 3 -> 2 bits (CIFAR10/train_res20.sh,
+#      EPOCHS per stage, default 300 as published), whose results are recorded last so `compare` shows them;
+#   3. print published vs measured (python -m common.compare apot).
+# Environment: EPOCHS, DATA (default ../shared/data if present, else ./data), CKPT, OUT (training output,
+# default apot/CIFAR10/result), PYTHON, RESUME=1 (continue interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python}
+EPOCHS=${EPOCHS:-300}
+if [ -z "${DATA:-}" ]; then
+    if [ -d ../shared/data ]; then DATA=../shared/data; else DATA=./data; fi
+fi
+CKPT=${CKPT:-../shared/checkpoints/apot}
+abspath() { if [ -e "$1" ]; then (cd "$1" && pwd); else echo "$1"; fi; }
+DATA=$(abspath "$DATA")
+CKPT=$(abspath "$CKPT")
+# CIFAR-10 under DATA/cifar10 (the shared layout) or DATA itself (torchvision's cifar-10-batches-py)
+if [ -d "$DATA/cifar10" ]; then CIFAR=$DATA/cifar10; else CIFAR=$DATA; fi
+OUT=${OUT:-result}
+case "$OUT" in /*) ;; *) OUT="$ROOT/apot/CIFAR10/$OUT" ;; esac
+
+cat <<MSG
+== APoT reproduction: EPOCHS=$EPOCHS per stage, CIFAR-10 from $CIFAR, MNIST from $DATA, checkpoints from $CKPT
+   Expected time on 2 CPU cores: ~10-30 s per CIFAR checkpoint (1,000 test images; ~5 min each on the full
+   10,000), ~1-2 min per MNIST checkpoint; training ResNet-20 ~25 min per full-precision epoch and
+   ~40-50 min per quantized epoch (391 iterations), so EPOCHS=1 takes ~3 h and EPOCHS=300 weeks:
+   use a GPU (a few seconds per epoch) for the published recipe.
+MSG
+
+if [ "${SKIP_CKPT:-0}" != 1 ] && [ -d "$CKPT" ]; then
+    for bit in 32 4 3 2; do
+        f="$CKPT/cifar10/res20_${bit}bit/model_best.pth.tar"
+        [ -f "$f" ] || { echo "skip: $f not found"; continue; }
+        echo "== published CIFAR-10 res20 ${bit}-bit checkpoint"
+        (cd apot/CIFAR10 && "$PY" main.py -a res20 --bit "$bit" -e --resume "$f" --data "$CIFAR" | grep -v '^clipping threshold')
+    done
+    for bit in 2 3 4 5; do
+        for kind in "" _uniform; do
+            f="$CKPT/mnist/resnet10_${bit}bit${kind}/model_best.pth.tar"
+            [ -f "$f" ] || { echo "skip: $f not found"; continue; }
+            power=(); [ -n "$kind" ] && power=(--power 0)
+            echo "== published MNIST resnet10 ${bit}-bit${kind} checkpoint"
+            (cd apot/MNIST && "$PY" main.py -a resnet10 --bit "$bit" -e --resume "$f" --data "$DATA" ${power[@]+"${power[@]}"})
+        done
+    done
+elif [ "${SKIP_CKPT:-0}" != 1 ]; then
+    echo "== no published checkpoints at $CKPT (set CKPT=...): skipping their evaluation"
+fi
+
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+    EPOCHS=$EPOCHS DATA=$CIFAR OUT=$OUT PYTHON=$PY bash apot/CIFAR10/train_res20.sh
+fi
+
+"$PY" -m common.compare apot
