@@ -22,6 +22,7 @@ import time
 import torch
 
 from common import REPO_ROOT
+from common.runlog import cpu_name
 
 ALQ_DIR = os.path.join(REPO_ROOT, "alq")
 CASES = {"lenet5_fc1": dict(shape=(500, 800), structure="subchannelwise", subc=2, max_bit=6),
@@ -100,17 +101,6 @@ def run_case(name, method, repeats, threads):
         peak = _status("VmHWM") - base if ok else None
     print(json.dumps({"seconds": statistics.median(times), "peak_bytes": peak, "device": str(dev),
                       "codes": int(code.sum()), "weights": int(w.numel()), "M": c["max_bit"]}))
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():

@@ -10,13 +10,13 @@ The two must give identical outputs; the ratio argmin/bucketize is written to re
 import argparse
 import csv
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 from apot.apot_levels import nearest_level, nearest_level_argmin
+from common.runlog import cpu_name
 from apot.ImageNet.models import quant_layer as ql
 from common import REPO_ROOT
 from common.device import get_device
@@ -27,17 +27,6 @@ parser.add_argument("--repeats", type=int, default=5, help="timed repetitions pe
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--gpu", type=int, default=None, help="GPU id (default: any GPU, else CPU)")
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "apot_levels.csv"))
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_case(fn, device, repeats):

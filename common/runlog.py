@@ -28,6 +28,18 @@ def git_commit():
         return "unknown"
 
 
+def cpu_name():
+    """The CPU model (for tagging benchmark rows), or `platform.processor()`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def command_line():
     """The command as the user typed it (script path plus arguments)."""
     return " ".join([os.path.basename(sys.executable)] + sys.argv)
