@@ -9,9 +9,8 @@ Published (README): ResNet18 2.00 bits, 3.44 MB, 70.0 %; ResNet34 2.00 bits, 6.3
 import os
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
-from torchvision import transforms
+from torchvision import models, transforms
 
 from common.checkpoint import load_checkpoint, strip_module_prefix
 from common.data import imagenet
@@ -23,71 +22,9 @@ DEFAULTS = dict(val_size=50000, model_ori="./resnet_model_ori.pth", model="./res
                 pretrain_epochs=90, post_epochs=[80, 20])
 URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-5c106cde.pth",
         "resnet34": "https://download.pytorch.org/models/resnet34-333f7ec4.pth"}
-LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+# torchvision's ResNet-18/34: the layout and parameter names of the published FP weights (Kaiming init)
+NETS = {"resnet18": models.resnet18, "resnet34": models.resnet34}
 NORMALIZE = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-
-
-def conv3x3(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet layout and parameter names (so torchvision weights load strictly)."""
-
-    def __init__(self, layers, num_classes=1000):
-        super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(64, layers[0])
-        self.layer2 = self._make_layer(128, layers[1], stride=2)
-        self.layer3 = self._make_layer(256, layers[2], stride=2)
-        self.layer4 = self._make_layer(512, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def _make_layer(self, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def fill_net_defaults(args):
@@ -181,7 +118,7 @@ def get_parser():
 
 def main(argv=None):
     args = fill_net_defaults(get_parser().parse_args(argv))
-    run_pipeline(args, args.net, "imagenet", lambda: ResNet(LAYERS[args.net]), make_loaders,
+    run_pipeline(args, args.net, "imagenet", NETS[args.net], make_loaders,
                  make_pretrain_recipe(args), post_coord_lr=5e-6, split_name="val")
 
 

@@ -7,11 +7,14 @@
 #      EPOCHS per stage, default 300 as published), whose results are recorded last so `compare` shows them;
 #   3. print published vs measured (python -m common.compare apot).
 # Environment: EPOCHS, DATA (default ../shared/data if present, else ./data), CKPT, OUT (training output,
-# default apot/CIFAR10/result), PYTHON, RESUME=1 (continue interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1.
+# default apot/CIFAR10/result), PYTHON, RESUME=1 (continue interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1,
+# APOT_THREADS=N (torch CPU threads; unset = torch's default. On a shared 2-core machine 1 is often faster,
+# because OpenMP threads spin while another job holds the other core).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
+if [ -n "${APOT_THREADS:-}" ]; then export OMP_NUM_THREADS=$APOT_THREADS MKL_NUM_THREADS=$APOT_THREADS; fi
 EPOCHS=${EPOCHS:-300}
 if [ -z "${DATA:-}" ]; then
     if [ -d ../shared/data ]; then DATA=../shared/data; else DATA=./data; fi

@@ -73,7 +73,7 @@ def test_documented_commands_parse_verbatim_with_original_defaults():
         assert r.structure == ["channelwise"] + ["pixelwise"] * (n - 2) + ["subchannelwise"]
         assert r.max_bit == [8] * n and r.subc == [0] * (n - 1) + [2]
         assert r.model_ori_urls.endswith(f"{net}-" + {"resnet18": "5c106cde.pth", "resnet34": "333f7ec4.pth"}[net])
-        m = A.resnet.ResNet(A.resnet.LAYERS[net])
+        m = A.resnet.NETS[net]()
         assert len(A.binarynet.split_parameters(m)[0]) == n
 
 
@@ -261,7 +261,7 @@ def test_resnet18_tiny_imagenet_flat_val_pipeline(tmp_path):
         lines.append(f"{f} {w}")
     (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
     weights = tmp_path / "resnet18-5c106cde.pth"
-    torch.save(A.resnet.ResNet(A.resnet.LAYERS["resnet18"]).state_dict(), weights)
+    torch.save(A.resnet.NETS["resnet18"]().state_dict(), weights)
     res = _run(["resnet.py", "--PRETRAIN", "--DOWNLOAD", "--ALQ", "--POSTTRAIN", "--net", "resnet18", "--data",
                 str(tmp_path / "imnet"), "--val_labels", str(tmp_path / "val.txt"), "--model_ori_urls", str(weights),
                 "--val_size", "3", "--batch_size", "3", "--R", "1", "--epoch_basis", "1", "--epoch_coord", "1",
