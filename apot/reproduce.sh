@@ -30,9 +30,10 @@ case "$OUT" in /*) ;; *) OUT="$ROOT/apot/CIFAR10/$OUT" ;; esac
 
 cat <<MSG
 == APoT reproduction: EPOCHS=$EPOCHS per stage, CIFAR-10 from $CIFAR, MNIST from $DATA, checkpoints from $CKPT
-   Expected time on 2 CPU cores: ~10-30 s per CIFAR checkpoint (1,000 test images; ~5 min each on the full
-   10,000), ~1-2 min per MNIST checkpoint; training ResNet-20 ~25 min per full-precision epoch and
-   ~40-50 min per quantized epoch (391 iterations), so EPOCHS=1 takes ~3 h and EPOCHS=300 weeks:
+   Expected time on CPU (measured with APOT_THREADS=1 on a 2-core machine, the other core busy): ~10-30 s per
+   CIFAR checkpoint (1,000 test images; ~5 min each on the full 10,000), ~1-2 min per MNIST checkpoint;
+   training ResNet-20 ~0.7 s per full-precision and ~1.3-1.6 s per quantized iteration (391 per epoch),
+   i.e. ~5 and ~9 min per epoch, so EPOCHS=1 takes ~35 min and EPOCHS=300 about a week:
    use a GPU (a few seconds per epoch) for the published recipe.
 MSG
 
