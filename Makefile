@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
 EPOCHS ?=
 export DATA EPOCHS
+# Tests use small tensors and run scripts in subprocesses: one torch thread each (unless set) avoids OpenMP
+# oversubscription, which made the suite several times slower on a shared 2-core machine.
+TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-slow test-all bench compare reproduce-apot reproduce-alq clean
@@ -24,13 +27,13 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: setup ## run the test suite (the README's test command; CI runs it)
-	$(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q
 
 test-slow: setup ## run only the slow real-data tests
-	$(PY) -m pytest -q -m slow
+	$(TEST_ENV) $(PY) -m pytest -q -m slow
 
 test-all: setup ## run every test, slow ones included
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup ## run benchmarks/ and write CSV rows under results/bench/
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
