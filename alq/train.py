@@ -443,6 +443,17 @@ def alq_schedule(args):
     return sched
 
 
+def resume_stage(rpath, net, args, legacy_flip, stage, num_steps, log):
+    """Continue a killed ALQ / POSTTRAIN stage from its per-epoch resume file (weights, both optimizers, RNG)."""
+    ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what=f"{stage} resume file")
+    optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
+    load_optimizers(ck, optimizer_w, optimizer_b, rpath)
+    start, best_acc = int(ck["next"]), float(ck["best_acc"])
+    set_rng_state(ck["rng"])
+    log.info(f"resuming {stage} at step {start}/{num_steps}")
+    return params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc
+
+
 def alq(st):
     """Init by structured sketching, then R rounds of basis / coordinate / pruning epochs; saves --model."""
     args, log, device = st.args, st.log, st.device
@@ -454,12 +465,8 @@ def alq(st):
     # M_p: fraction of the candidates pruned per step so that ~pr of the alphas go per pruning (Sec. 3.3)
     M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
     if args.resume and os.path.exists(rpath):
-        ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what="ALQ resume file")
-        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
-        load_optimizers(ck, optimizer_w, optimizer_b, rpath)
-        start, best_acc = int(ck["next"]), float(ck["best_acc"])
-        set_rng_state(ck["rng"])
-        log.info(f"resuming ALQ at step {start}/{len(sched)}")
+        params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
+            resume_stage(rpath, net, args, legacy_flip, "ALQ", len(sched), log)
     else:
         ck = load_checkpoint(args.model_ori, what="full-precision model", flag="--model_ori")
         load_net_state(net, ck, args.model_ori, "--model_ori")
@@ -522,12 +529,8 @@ def posttrain(st):
     ste_epochs, coord_epochs = st.post_epochs
     sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
     if args.resume and os.path.exists(rpath):
-        ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what="POSTTRAIN resume file")
-        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
-        load_optimizers(ck, optimizer_w, optimizer_b, rpath)
-        start, best_acc = int(ck["next"]), float(ck["best_acc"])
-        set_rng_state(ck["rng"])
-        log.info(f"resuming POSTTRAIN at step {start}/{len(sched)}")
+        params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
+            resume_stage(rpath, net, args, legacy_flip, "POSTTRAIN", len(sched), log)
     else:
         log.info(f"load quantized model {args.model} ...")
         ck, params_w, params_b, params_bin = load_quantized(args.model, net, legacy_flip)
