@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import extract_state_dict, load_checkpoint, load_model_state
+from common.checkpoint import extract_state_dict, load_checkpoint, load_model_state, restore_training_state
 from common.device import get_device
 from common.errors import UserError
 from common.meters import AverageMeter, accuracy, progress
@@ -79,6 +79,27 @@ def check_run_matches(ckpt, bit, power, arch=None, flag="--resume"):
                         f"{int(ckpt['power'])}")
     if arch and isinstance(ckpt.get("arch"), str) and ckpt["arch"] != arch:
         raise UserError(f"{flag} checkpoint is a {ckpt['arch']}; pass -a {ckpt['arch']}")
+
+
+def make_optimizer(model, args):
+    """SGD over every parameter, act_alpha/weight_alpha included, in one group with --lr/--wd (the original
+    ImageNet and MNIST mains; their per-alpha groups are commented out), lr x0.1 at epochs 30, 60, 90."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[30, 60, 90], gamma=0.1)
+
+
+def resume(ckpt, model, optimizer, scheduler, args, power):
+    """--resume: with -e only the weights (strictly); otherwise the whole training state.
+    Returns (start_epoch, best_acc1)."""
+    check_run_matches(ckpt, args.bit, power, args.arch)
+    if args.evaluate:
+        load_pretrained(model, args.resume, flag="--resume", ckpt=ckpt, strict=True)
+        return args.start_epoch, 0.0
+    start_epoch, best = restore_training_state(ckpt, model, optimizer, scheduler)
+    if "scheduler" not in ckpt:  # a checkpoint of the original script: no scheduler state
+        scheduler.last_epoch = start_epoch
+    return start_epoch, float(best if best is not None else ckpt.get("best_acc1", 0.0))
 
 
 def train(loader, model, criterion, optimizer, epoch, args, log, device, step, main_process=True):

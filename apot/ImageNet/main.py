@@ -18,7 +18,7 @@ import torchvision.transforms as transforms
 from apot.ImageNet import engine, models
 from apot.ImageNet.models.resnet import load_torchvision_weights
 from common import data as cdata
-from common.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from common.checkpoint import load_checkpoint, save_checkpoint, training_state
 from common.device import seed_everything
 from common.errors import UserError, cli
 from common.results import record
@@ -117,22 +117,12 @@ def main():
     model.to(device)
 
     criterion = nn.CrossEntropyLoss().to(device)
-    # The original ImageNet main puts every parameter, act_alpha/weight_alpha included, in one SGD group
-    # with --lr and --wd (its per-alpha groups are commented out).
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[30, 60, 90], gamma=0.1)
+    optimizer, scheduler = engine.make_optimizer(model, args)
     say("Total params: %.2fM" % (sum(p.numel() for p in model.parameters()) / 1e+6))
 
     best_acc1, start_epoch = 0.0, args.start_epoch
     if args.resume:
-        engine.check_run_matches(ckpt, args.bit, power, args.arch)
-        if args.evaluate:
-            engine.load_pretrained(model, args.resume, flag="--resume", ckpt=ckpt, strict=True)
-        else:
-            start_epoch, best = restore_training_state(ckpt, model, optimizer, scheduler)
-            best_acc1 = float(best if best is not None else ckpt.get("best_acc1", 0.0))
-            if "scheduler" not in ckpt:        # a checkpoint of the original script: no scheduler state
-                scheduler.last_epoch = start_epoch
+        start_epoch, best_acc1 = engine.resume(ckpt, model, optimizer, scheduler, args, power)
         say(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
 
     if distributed:
