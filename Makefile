@@ -12,7 +12,7 @@ export DATA EPOCHS
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow test-all bench compare reproduce-apot reproduce-alq clean
+.PHONY: help setup test test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq reproduce-fdda clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -28,6 +28,10 @@ $(STAMP): requirements.txt
 
 test: setup ## run the test suite (the README's test command; CI runs it)
 	$(TEST_ENV) $(PY) -m pytest -q
+
+# On a GPU machine without this venv (the device has torch/torchvision/pytest): `make test-gpu PY=python3`.
+test-gpu: ## the suite plus the `gpu` tests (short real runs of each paper's script on CUDA); QUANT_SHARED= data
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup ## run only the slow real-data tests
 	$(TEST_ENV) $(PY) -m pytest -q -m slow
@@ -46,6 +50,15 @@ reproduce-apot: setup ## APoT: CIFAR-10 ResNet-20 32/4/3/2-bit recipe (EPOCHS=),
 
 reproduce-alq: setup ## ALQ: LeNet5 --PRETRAIN --ALQ --POSTTRAIN on MNIST (DATA=), export, compare
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alq/reproduce.sh
+
+reproduce-dambq: setup ## DAMBQ: CIFAR-10 ResNet-20 float -> W4A4 -> W2.0A2.0 (DATA=, EPOCHS=), compare
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash dambq/reproduce.sh
+
+reproduce-alignq: setup ## AlignQ: FP32 pretrain -> 8-bit CDF-aligned ResNet-20 on CIFAR-10 (DATA=, EPOCHS=), compare
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alignq/reproduce.sh
+
+reproduce-fdda: setup ## FDDA: BNScenters -> main_cosine_CBNS -> test on an ImageNet root (DATA=), compare
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash fdda/reproduce.sh
 
 clean: ## remove caches (keeps .venv and results/)
 	find . -name __pycache__ -prune -exec rm -rf {} +

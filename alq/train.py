@@ -613,7 +613,7 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     check_args(args)
     if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
         raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
-    seed_everything(args.seed)
+    seed_everything(args.seed, deterministic=True)      # resumed stages repeat uninterrupted ones (CUDA too)
     device = get_device()
     log = RunLog(args.log_dir or os.path.join("logs", arch), args, seed=args.seed, device=device)
     loaders = make_loaders(args)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from apot.apot_levels import build_power_value, nearest_level
 from common.errors import UserError
 
-__all__ = ["build_power_value", "gradient_scale", "apot_quantization", "uq_with_calibrated_graditens",
+__all__ = ["build_power_value", "clamp_ste", "gradient_scale", "apot_quantization", "uq_with_calibrated_graditens",
            "uq_with_calibrated_gradients", "uniform_quantization", "weight_quantize_fn", "act_quantization",
            "QuantConv2d", "first_conv", "last_fc", "check_bit"]
 
@@ -32,6 +32,18 @@ def check_bit(bit, power=True):
                         f"{'2..6' if power else '2..16'} or 32 (full precision)")
 
 
+def clamp_ste(x, lo, hi):
+    """clamp(x, lo, hi) whose gradient is 1 on the closed interval [lo, hi] and 0 outside.
+
+    This is clamp's gradient on the torch releases the original ran on (inclusive at both ends); torch 2.14
+    gives 0 at the boundaries of a two-sided clamp, so the mask is written out to keep the quantizer's
+    gradient independent of the torch release. Value: exactly clamp(x) (inside, x + 0; outside, 0 + clamp).
+    """
+    inside = (x >= lo) & (x <= hi)
+    passed = torch.where(inside, x, torch.zeros_like(x))
+    return passed + (x.clamp(lo, hi) - passed).detach()
+
+
 def gradient_scale(x, scale):
     """Value x, gradient scaled by `scale`."""
     y_grad = x * scale
@@ -41,17 +53,17 @@ def gradient_scale(x, scale):
 def apot_quantization(tensor, alpha, proj_set, is_weight=True, grad_scale=None):
     """alpha * nearest level of clamp(tensor/alpha) in proj_set (signed for weights), with the STE.
 
-    Gradients by autograd: d/dtensor = 1 inside the clamp range, 0 outside; d/dalpha = q - x inside,
-    sign(x) above the range (weights) or 1 above / 0 below (activations).
+    Gradients by autograd: d/dtensor = 1 inside the closed clamp range, 0 outside (`clamp_ste`);
+    d/dalpha = q - x inside, sign(x) above the range (weights) or 1 above / 0 below (activations).
     """
     if grad_scale:
         alpha = gradient_scale(alpha, grad_scale)
     data = tensor / alpha
     if is_weight:
-        data = data.clamp(-1, 1)
+        data = clamp_ste(data, -1, 1)
         hard = nearest_level(data.abs(), proj_set).mul(data.sign())
     else:
-        data = data.clamp(0, 1)
+        data = clamp_ste(data, 0, 1)
         hard = nearest_level(data, proj_set)
     data_q = (hard - data).detach() + data
     return data_q * alpha
@@ -94,7 +106,7 @@ def uniform_quantization(tensor, alpha, bit, is_weight=True, grad_scale=None):
         alpha = gradient_scale(alpha, grad_scale)
     data = tensor / alpha
     steps = 2 ** (bit - 1) - 1 if is_weight else 2 ** bit - 1
-    data = data.clamp(-1, 1) if is_weight else data.clamp(0, 1)
+    data = clamp_ste(data, -1, 1) if is_weight else clamp_ste(data, 0, 1)
     data = data * steps
     data_q = (data.round() - data).detach() + data
     return data_q / steps * alpha
