@@ -1,0 +1,102 @@
+"""Batch-norm statistics (BNS) of a teacher: forward hooks on every BatchNorm2d, and the BNS-center files.
+
+For each BN layer l (in execution order) the hook records the per-channel mean and biased variance of the
+layer's input over (N, H, W) — the statistics FDDA aligns with the teacher's running statistics (the BNS
+loss) and with the per-class centers (DBNS/CBNS). `per_sample=True` gives them per image (over H, W), which
+is what BNScenters.py needs; batching images that way equals running them one by one.
+
+BNS-center files (written by BNScenters.py into save_path, read by the trainer), each a torch.save of
+nested dicts/lists/tensors/strings that loads with torch.load(weights_only=True), layout as the original:
+  {model}_mean_Categorical_bs_1.pickle       {class: {class: [mean of BN layer 0, 1, ... L-1]}}
+  {model}_var_Categorical_bs_1.pickle        {class: {class: [biased variance per BN layer]}}
+  {model}_path_label_Categorical_bs_1.pickle {class: {class: ((image path,), tensor([class]))}}
+  {model}_teacher_output_Categorical_1.pickle {class: teacher logits of that image, 1 x nClasses}
+  {model}_calibration_images.txt             "class<TAB>path" per line: the replayable calibration set
+"""
+import os
+
+import torch
+import torch.nn as nn
+
+from common.checkpoint import load_checkpoint
+from common.errors import UserError
+
+FILES = {"mean": "{m}_mean_Categorical_bs_1.pickle", "var": "{m}_var_Categorical_bs_1.pickle",
+         "path_label": "{m}_path_label_Categorical_bs_1.pickle",
+         "teacher_output": "{m}_teacher_output_Categorical_1.pickle"}
+LIST_FILE = "{m}_calibration_images.txt"
+
+
+class BNStats:
+    """Hooks on every nn.BatchNorm2d of `model`; `mean`, `var`, `modules` fill in execution order per forward.
+
+    Call clear() before each forward (the original let these lists, and the running statistics it appended
+    at every forward, grow forever: a memory leak).
+    """
+
+    def __init__(self, model, per_sample=False):
+        self.per_sample = per_sample
+        self.active = True
+        self.mean, self.var, self.modules = [], [], []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def _hook(self, module, inputs, output):
+        if not self.active:
+            return
+        x = inputs[0]
+        dims = (2, 3) if self.per_sample else (0, 2, 3)
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        self.mean.append(mean)
+        self.var.append(var)
+        self.modules.append(module)
+
+    def clear(self):
+        self.mean, self.var, self.modules = [], [], []
+
+    def running_stats(self):
+        """The recorded layers' running (mean, var), in execution order (valid after one forward)."""
+        return [m.running_mean for m in self.modules], [m.running_var for m in self.modules]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def bns_paths(save_path, model_name):
+    return {k: os.path.join(save_path, v.format(m=model_name)) for k, v in FILES.items()}
+
+
+def bnscenters_command(model_name):
+    return f"python BNScenters.py --dataPath PathToImageNetDataset --model_name {model_name}"
+
+
+def load_bns_centers(save_path, model_name, bn_layers):
+    """(true_mean, true_var, path_label, teacher_output) as {class: [...]} lists; one line when files are missing,
+    unreadable or made for another network (a different BN-layer count)."""
+    paths = bns_paths(save_path, model_name)
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"BNS-center file {missing[0]} is missing ({len(missing)} of 4); make them with "
+                        f"`{bnscenters_command(model_name)}` (run in fdda/, writes {save_path})")
+    raw = {k: load_checkpoint(p, what="BNS-center file", flag=None) for k, p in paths.items()}
+    classes = sorted(raw["mean"])
+    if not classes or classes != list(range(len(classes))) or sorted(raw["var"]) != classes \
+            or sorted(raw["path_label"]) != classes or sorted(raw["teacher_output"]) != classes:
+        raise UserError(f"BNS-center files for {model_name} in {save_path} are inconsistent (classes differ "
+                        f"between files); re-create them with `{bnscenters_command(model_name)}`")
+    true_mean, true_var, path_label = {}, {}, {}
+    for c in classes:
+        (m,), (v,), (pl,) = raw["mean"][c].values(), raw["var"][c].values(), raw["path_label"][c].values()
+        if len(m) != bn_layers or len(v) != bn_layers:
+            raise UserError(f"BNS-center files in {save_path} hold {len(m)} BN layers per class but {model_name} "
+                            f"has {bn_layers}: they were made for another network; re-create them with "
+                            f"`{bnscenters_command(model_name)}`")
+        true_mean[c], true_var[c] = list(m), list(v)
+        path_label[c] = (pl[0][0], int(pl[1].reshape(-1)[0]))
+    teacher_output = torch.cat([raw["teacher_output"][c].reshape(1, -1) for c in classes])
+    return true_mean, true_var, path_label, teacher_output
+
+
+def correct_set(teacher_output):
+    """Classes whose BNS-center image the teacher classifies correctly (the original's 'correct set')."""
+    return {c for c, p in enumerate(teacher_output.argmax(1).tolist()) if p == c}

@@ -1,0 +1,90 @@
+"""FDDA step 3: evaluate a quantized student on ImageNet val (the original's test.py; test_8F8L.py for F8L8).
+
+    cd fdda && python test.py --conf_path imagenet_config.hocon --model_name resnet18 --model_path PathToModel
+
+PathToModel is a model.pth written by main_cosine_CBNS.py (it records model, qw, qa and F8L8: evaluating
+it under other flags is an error) or one of the authors' released state dicts (bare, keys of the quantized
+network; they carry no bit-width, so set qw/qa as the release says). qw/qa come from the hocon file or
+--qw/--qa. Activation ranges are frozen; cur_x_* buffers are ignored, as in the original. The result is
+appended to results/fdda.jsonl.
+"""
+import os
+import sys
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from common.errors import UserError, cli  # noqa: E402
+from common.results import record  # noqa: E402
+from fdda import distributed, models  # noqa: E402
+from fdda.dataloader import imagenet_split, loader, test_transform  # noqa: E402
+from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
+from fdda.quantization_utils import freeze_model  # noqa: E402
+from fdda.trainer_DBNS_CBNS import evaluate  # noqa: E402
+
+
+def make_parser(f8l8):
+    p = script_parser("FDDA evaluation" + (" (F8L8)" if f8l8 else ""), models.MODELS)
+    p.add_argument("--model_path", type=str, default=None, help="quantized student state dict (model.pth)")
+    return add_override_flags(p)
+
+
+def student_state(ckpt, model_name, qw, qa, f8l8, path):
+    """(state dict without cur_x_* buffers, metadata or {}); a checkpoint of another run is one line."""
+    if isinstance(ckpt, dict) and ckpt.get("paper") == "fdda":
+        for key, want in (("model_name", model_name), ("qw", qw), ("qa", qa), ("f8l8", f8l8)):
+            if ckpt.get(key) != want:
+                script = "test_8F8L.py" if ckpt.get("f8l8") else "test.py"
+                raise UserError(f"--model_path {path} is a {ckpt.get('model_name')} W{ckpt.get('qw')}A{ckpt.get('qa')}"
+                                f"{' F8L8' if ckpt.get('f8l8') else ''} student ({key} = {ckpt.get(key)!r}, not "
+                                f"{want!r}); evaluate it with {script} --model_name {ckpt.get('model_name')} "
+                                f"--qw {ckpt.get('qw')} --qa {ckpt.get('qa')}")
+        sd, meta = ckpt["state_dict"], ckpt
+    elif isinstance(ckpt, dict) and ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
+        sd, meta = ckpt, {}
+    else:
+        raise UserError(f"--model_path {path} holds no student state dict (expected main_cosine_CBNS.py's model.pth "
+                        f"or the authors' released model)")
+    return {k: v for k, v in sd.items() if "cur_x" not in k}, meta
+
+
+def main(f8l8=False):
+    args = make_parser(f8l8).parse_args()
+    require(args, models.MODELS, model_path="PathToModel (a model.pth written by main_cosine_CBNS.py)")
+    opt = Option.from_args(args.conf_path, overrides_from(args))
+    models.check_model_name(args.model_name)
+    val_set = imagenet_split(opt.dataPath, "val", test_transform(opt.img_size))
+    ckpt = load_checkpoint(args.model_path, what="student model", flag="--model_path")
+    sd, meta = student_state(ckpt, args.model_name, opt.qw, opt.qa, f8l8, args.model_path)
+    n_out = meta.get("nClasses", opt.nClasses)
+    student = models.build_student(models.build(args.model_name, n_out), args.model_name, opt.qw, opt.qa, f8l8,
+                                   meta.get("clip_ste", opt.clip_ste))
+    missing, _ = load_model_state(student, sd, strict=False, what=f"--model_path {args.model_path}")
+    missing = [k for k in missing if "cur_x" not in k]
+    if missing or len(sd) + sum("cur_x" in k for k in student.state_dict()) != len(student.state_dict()):
+        raise UserError(f"--model_path {args.model_path} does not match a quantized {args.model_name}"
+                        f"{' (F8L8)' if f8l8 else ''}: missing {', '.join(missing[:3]) or 'nothing'}, "
+                        f"{len(sd)} tensors in the file; check --model_name")
+    freeze_model(student)
+    dist = distributed.setup(opt.GPU)
+    student.to(dist.device)
+    if dist.enabled:
+        val_set = torch.utils.data.Subset(val_set, range(dist.rank, len(val_set), dist.world))
+    top1, top5, n = evaluate(student, loader(val_set, opt.test_batchSize, False, opt.nThreads), dist.device, dist)
+    if dist.main:
+        print(f"#==>Best Result is: Top1 Error: {100 - top1:f}, Top5 Error: {100 - top5:f}")
+        print(f"#==>Best Result is: Top1 Accuracy: {top1:f}, Top5 Accuracy: {top5:f} ({n} val images)")
+        teacher = meta.get("teacher", "released model")
+        record("fdda", model=args.model_name, dataset="synthetic" if teacher == "random" else "imagenet",
+               split="val", setting=setting_name(opt.qw, opt.qa, f8l8), metric="top1", value=top1, n_samples=n,
+               recipe=meta.get("recipe"),
+               extra={"top5": top5, "model_path": os.path.abspath(args.model_path), "teacher": teacher,
+                      "trained_epochs": meta.get("epoch")})
+    dist.close()
+
+
+if __name__ == "__main__":
+    cli(main)()
