@@ -42,8 +42,8 @@ test-all: setup ## run every test, slow ones included
 bench: setup ## run benchmarks/ and write CSV rows under results/bench/
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
-compare: setup ## print published vs reproduced for every paper; writes results/RESULTS.md + charts
-	$(PY) -m common.compare
+compare: setup ## published vs measured (reference + local records); RESULTS.md + charts (COMPARE_FLAGS=--include-shortened)
+	$(PY) -m common.compare $(COMPARE_FLAGS)
 
 reproduce-apot: setup ## APoT: CIFAR-10 ResNet-20 32/4/3/2-bit recipe (EPOCHS=), published checkpoints, compare
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash apot/reproduce.sh

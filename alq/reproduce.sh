@@ -14,15 +14,15 @@ if [ -z "${DATA:-}" ]; then
 fi
 PY="${PYTHON:-python}"
 export OMP_NUM_THREADS="${ALQ_THREADS:-1}" MKL_NUM_THREADS="${ALQ_THREADS:-1}"
-RESUME_FLAG=()
+RESUME_FLAG=(--overwrite)           # RESUME=0: start from scratch, replacing the previous stage outputs
 if [ "${RESUME:-1}" = 1 ]; then RESUME_FLAG=(--resume); fi
 
 cd "$HERE"
 start=$SECONDS
 echo "== python lenet5.py --PRETRAIN --ALQ --POSTTRAIN --data $DATA ${RESUME_FLAG[*]}"
 "$PY" lenet5.py --PRETRAIN --ALQ --POSTTRAIN --data "$DATA" "${RESUME_FLAG[@]}"
-echo "== export: python lenet5.py --data $DATA --export lenet5_alq.alqpack"
-"$PY" lenet5.py --data "$DATA" --export lenet5_alq.alqpack
-echo "== reproduce-alq wall time: $(( (SECONDS - start) / 60 )) min (stage times: logs/lenet5/log.txt)"
+echo "== export: python lenet5.py --data $DATA --export lenet5_alq.alqpack --overwrite"
+"$PY" lenet5.py --data "$DATA" --export lenet5_alq.alqpack --overwrite       # re-packed from the final model
+echo "== reproduce-alq wall time: $(( (SECONDS - start) / 60 )) min (stage times: runs/alq/lenet5-*/log.txt)"
 cd "$ROOT"
 "$PY" -m common.compare alq

@@ -15,6 +15,7 @@ from torchvision import models, transforms
 from common.checkpoint import load_checkpoint, strip_module_prefix
 from common.data import imagenet
 from common.errors import UserError, run_main
+from common.results import recipe_info
 from train import alq_argparser, load_net_state, pretrain, run_pipeline, save_model_ori, split_indices
 
 DEFAULTS = dict(val_size=50000, model_ori="./resnet_model_ori.pth", model="./resnet_model.pth", lr=2e-4, R=5,
@@ -85,7 +86,9 @@ def make_pretrain_recipe(args):
             st.evaluate(net, "val")
             st.evaluate(net, "test")
             optimizer = torch.optim.SGD(net.parameters(), lr=0.4, nesterov=True, momentum=0.9, weight_decay=1e-4)
-            save_model_ori(args.model_ori, net, optimizer, finished=True)
+            ident = st.ident("PRETRAIN", recipe_info(note="torchvision's pretrained weights (--DOWNLOAD), as the "
+                                                          "README's commands"))
+            save_model_ori(args.model_ori, net, optimizer, finished=True, quantlab=dict(ident, finished=True))
             return
         # from scratch, following https://openreview.net/pdf?id=S1gSj0NKvB as the original does
 

@@ -11,17 +11,20 @@ Stage recipe (Qu et al., CVPR 2020, Alg. 1 and Sec. 4; schedule as in the origin
 import argparse
 import math
 import os
+import signal
 import time
 
 import torch
 
 from binarynet import STRUCTURES, average_bitwidth, make_binary_layers, split_parameters
+from common import interrupt, runs
+from common.checks import check_range, check_results_writable, check_writable_dir, check_writable_file
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from common.device import get_device, get_rng_state, seed_everything, set_rng_state
 from common.errors import UserError
+from common.identity import IDENTITY_KEY, identity, sha256_file
 from common.meters import progress
-from common.results import record
-from common.runlog import RunLog
+from common.results import combine_recipes, recipe_info, record
 from myoptimizer import ALQ_optimizer
 from pack import KB, export_packed, load_packed, storage_breakdown, storage_KB
 
@@ -212,6 +215,9 @@ def save_model(file_name, net, optimizer_w, optimizer_b, parameters_w_bin, stage
              "parameters_w_bin": {p.name: p.state_dict() for p in parameters_w_bin},
              "stage": stage, "avg_bit": average_bitwidth(parameters_w_bin)}
     state.update(extra)
+    if isinstance(state.get(IDENTITY_KEY), dict):
+        state[IDENTITY_KEY] = dict(state[IDENTITY_KEY], bits=round(state["avg_bit"], 4),
+                                   finished=bool(extra.get("finished", False)))
     save_checkpoint(state, file_name)
 
 
@@ -272,11 +278,20 @@ def scale_lr(optimizers, factor):
 # Command line shared by the three scripts (per-script defaults passed in)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' only where the help does not already say its default and X is not None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def alq_argparser(description, defaults, dataset_help):
     """Every flag of the original scripts, with the script's defaults, plus this project's additions."""
     d = defaults
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--data", type=str, default="./data", help=dataset_help)
     p.add_argument("--val_size", type=int, default=d["val_size"],
                    help="the number of training samples held out for validation")
@@ -326,13 +341,22 @@ def alq_argparser(description, defaults, dataset_help):
                    help="rank pruning candidates across layers by their true importance (DEVIATIONS.md)")
     g.add_argument("--val_no_aug", action="store_true",
                    help="validate without the training augmentation (the original validates with it)")
-    g.add_argument("--log_dir", type=str, default=None, help="run log directory (default ./logs/<model>)")
+    g.add_argument("--log_dir", type=str, default=None,
+                   help="run directory: manifest, log, tensorboard, record copies (default: runs/alq/<model>-<time>/, "
+                        "with --resume the newest of those)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing stage outputs (--model_ori/--model/--model_post/--export); without it a "
+                        "stage never overwrites a file, and --resume continues or skips it")
     g.add_argument("--pretrain_epochs", type=int, default=d["pretrain_epochs"],
                    help="PRETRAIN epochs (the original's fixed recipe)")
     g.add_argument("--post_epochs", type=int, nargs=2, default=d["post_epochs"], metavar=("STE", "COORD"),
                    help="POSTTRAIN epochs of STE basis steps and of coordinate steps (the original's fixed recipe)")
     g.add_argument("--train_limit", type=int, default=None, metavar="N",
                    help="use only the first N training images after the validation split (smoke tests)")
+    # the published recipe (the original's fixed values): a record says which of these a run shortened
+    p.set_defaults(recipe_defaults={k: d[k] for k in ("R", "epoch_basis", "epoch_coord", "pretrain_epochs",
+                                                      "post_epochs")},
+                   documented_paths={"model_ori": d["model_ori"], "model": d["model"]})
     return p
 
 
@@ -356,6 +380,72 @@ def check_args(args):
         raise UserError(f"--train_limit must be >= 1, got {args.train_limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_range("--pr", args.pr, lo=0, hi=1)
+    check_range("--top_k", args.top_k, lo=0, hi=1)
+    check_range("--val_size", args.val_size, lo=1)
+    check_range("--workers", args.workers, lo=0)
+    check_range("--ld_basis", args.ld_basis, lo=0, hi=1)
+    check_range("--ld_coord", args.ld_coord, lo=0, hi=1)
+
+
+def check_outputs(args):
+    """Before any work: every file a stage will write is writable, and none is another run's output unless
+    --resume (continue or skip that stage) or --overwrite says so; the log and results dirs are writable."""
+    outs = (("--model_ori", args.PRETRAIN, args.model_ori), ("--model", args.ALQ, args.model),
+            ("--model_post", args.POSTTRAIN, model_post_path(args)), ("--export", bool(args.export), args.export))
+    for flag, on, path in outs:
+        if not on:
+            continue
+        check_writable_file(path, flag)
+        if os.path.exists(path) and not args.overwrite and not (args.resume and flag != "--export"):
+            raise UserError(f"{flag} {path} already exists ({describe_file(path)}); pass --resume to continue or "
+                            f"skip that stage, --overwrite to replace it, or another {flag}")
+    if args.log_dir:
+        check_writable_dir(args.log_dir, "--log_dir")
+    check_results_writable()
+
+
+def describe_file(path):
+    try:
+        ck = load_checkpoint(path)
+    except UserError:
+        return "not a readable checkpoint"
+    ident = ck.get(IDENTITY_KEY) if isinstance(ck, dict) else None
+    if not isinstance(ident, dict):
+        return f"stage {ck.get('stage', 'PRETRAIN' if 'optimizer_state_dict' in ck else '?')}"
+    return f"{ident.get('stage')} of {ident.get('model')}, {'finished' if ident.get('finished') else 'unfinished'}, " \
+           f"recipe {(ident.get('recipe') or {}).get('summary', 'not recorded')}"
+
+
+def stage_recipe(args, stage):
+    """recipe_info of one stage: its epochs against the published (default) values, and the smoke limits."""
+    d = getattr(args, "recipe_defaults", None) or {}
+    steps = {"PRETRAIN": ("pretrain_epochs",), "ALQ": ("R", "epoch_basis", "epoch_coord"),
+             "POSTTRAIN": ("post_epochs",)}[stage]
+    used = {k: (list(getattr(args, k)) if k == "post_epochs" else getattr(args, k)) for k in steps}
+    pub = {k: (list(d[k]) if k == "post_epochs" else d[k]) for k in steps if k in d}
+    extra = {"epoch_prune": (args.epoch_prune, 1)} if stage == "ALQ" else {}
+    return recipe_info({**{k: (used[k], pub.get(k, used[k])) for k in steps}, **extra},
+                       limits={"train_limit": args.train_limit})
+
+
+def identity_of(path):
+    """The identity stored in a checkpoint file (None for files written before identities)."""
+    ck = load_checkpoint(path)
+    ident = ck.get(IDENTITY_KEY) if isinstance(ck, dict) else None
+    return ident if isinstance(ident, dict) else None
+
+
+def check_stage_input(ck, key, input_path, flag, what):
+    """A stage's resume file / output remembers the sha256 of the input it started from: refuse a changed one."""
+    want = ck.get(key) if isinstance(ck, dict) else None
+    if not want or not os.path.exists(input_path):
+        return
+    have = sha256_file(input_path)
+    if have != want:
+        raise UserError(f"{what} was built from {flag} with sha256 {want[:12]}, but {input_path} now has sha256 "
+                        f"{have[:12]} (it was re-created since); rerun that stage without --resume (with "
+                        f"--overwrite) or restore the original {flag}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,14 +455,20 @@ def check_args(args):
 class Stage:
     """Shared context of a pipeline run: net factory, loaders, loss, device, log and args."""
 
-    def __init__(self, args, build_net, loaders, device, log, post_coord_lr=None):
-        self.args, self.build_net, self.device, self.log = args, build_net, device, log
+    def __init__(self, args, build_net, loaders, device, log, post_coord_lr=None, arch=None):
+        self.args, self.build_net, self.device, self.log, self.arch = args, build_net, device, log, arch
         self.train_loader, self.val_loader, self.test_loader = loaders
         self.loss_func = torch.nn.CrossEntropyLoss().to(device)
         self.post_epochs, self.post_coord_lr = tuple(args.post_epochs), post_coord_lr
 
     def fmt(self, s):
         return f"loss {s['loss']:.4f} top1 {s['top1']:.2f} top5 {s['top5']:.2f}"
+
+    def ident(self, stage, recipe, **extra):
+        """The checkpoint identity of a stage output (common.identity); bits are filled in by save_model."""
+        return identity("alq", self.arch, bits=32 if stage == "PRETRAIN" else None,
+                        scheme="fp32" if stage == "PRETRAIN" else "alq", stage=stage, recipe=recipe,
+                        finished=False, **extra)
 
     def evaluate(self, net, which):
         loader = self.val_loader if which == "val" else self.test_loader
@@ -395,22 +491,25 @@ def pretrain(st, make_optimizer, lr_schedule, epochs):
         start, best_acc = int(ck["epoch"]), float(ck["best_acc"])
         set_rng_state(ck["rng"])
         log.info(f"resuming PRETRAIN at epoch {start} (best val {best_acc:.2f})")
+    ident = st.ident("PRETRAIN", stage_recipe(args, "PRETRAIN"))
     if best_acc is None:
         best_acc = st.evaluate(net, "val")["top1"]
-        save_model_ori(args.model_ori, net, optimizer, epoch=0, val_top1=best_acc)
+        save_model_ori(args.model_ori, net, optimizer, epoch=0, val_top1=best_acc, quantlab=ident)
+    eta = runs.ETA(epochs, start)
     for epoch in range(start, epochs):
         lr_schedule(optimizer, epoch)
         t0 = time.time()
         s = train_fullprecision(net, st.train_loader, st.loss_func, optimizer, st.device, desc=f"pretrain {epoch}")
         log.info(f"pretrain epoch {epoch} lr {optimizer.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                 f"({time.time() - t0:.0f}s)")
+                 f"({time.time() - t0:.0f}s; stage {eta.line(epoch + 1)})")
         v = st.evaluate(net, "val")["top1"]
         log.scalar("pretrain/train_loss", s["loss"], epoch)
         log.scalar("pretrain/val_top1", v, epoch)
+        log.flush()
         if v > best_acc:
             best_acc = v
-            save_model_ori(args.model_ori, net, optimizer, epoch=epoch + 1, val_top1=v)
-        save_model_ori(rpath, net, optimizer, epoch=epoch + 1, best_acc=best_acc, rng=get_rng_state())
+            save_model_ori(args.model_ori, net, optimizer, epoch=epoch + 1, val_top1=v, quantlab=ident)
+        save_model_ori(rpath, net, optimizer, epoch=epoch + 1, best_acc=best_acc, rng=get_rng_state(), quantlab=ident)
     mark_finished(args.model_ori)
     if os.path.exists(rpath):
         os.remove(rpath)
@@ -421,6 +520,8 @@ def mark_finished(path):
     """Tag a stage's output as complete, so that --resume skips the stage."""
     ck = load_checkpoint(path)
     ck["finished"] = True
+    if isinstance(ck.get(IDENTITY_KEY), dict):
+        ck[IDENTITY_KEY]["finished"] = True
     save_checkpoint(ck, path)
 
 
@@ -465,10 +566,25 @@ def alq(st):
     # M_p: fraction of the candidates pruned per step so that ~pr of the alphas go per pruning (Sec. 3.3)
     M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
     if args.resume and os.path.exists(rpath):
+        rck = load_checkpoint(rpath, what="ALQ resume file")
+        check_stage_input(rck, "model_ori_sha256", args.model_ori, "--model_ori", f"the ALQ resume file {rpath}")
+        ori_sha, ident = rck.get("model_ori_sha256"), rck.get(IDENTITY_KEY) or st.ident("ALQ", None)
         params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
             resume_stage(rpath, net, args, legacy_flip, "ALQ", len(sched), log)
     else:
         ck = load_checkpoint(args.model_ori, what="full-precision model", flag="--model_ori")
+        ori = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
+        if ori is not None and not ori.get("finished"):
+            raise UserError(f"--model_ori {args.model_ori} is an unfinished PRETRAIN (epoch {ck.get('epoch', '?')}); "
+                            f"finish it with --PRETRAIN --resume, or pass a finished full-precision model")
+        if ori is not None and (ori.get("recipe") or {}).get("full") is False:
+            log.info(f"note: --model_ori comes from a shortened PRETRAIN ({ori['recipe']['summary']}); the result "
+                     f"is recorded as shortened")
+        elif ori is None:
+            log.info("note: --model_ori records no recipe (an older or third-party file); the result says so")
+        ori_sha = sha256_file(args.model_ori)
+        ident = st.ident("ALQ", combine_recipes((ori or {}).get("recipe"), stage_recipe(args, "ALQ")),
+                         model_ori_sha256=ori_sha)
         load_net_state(net, ck, args.model_ori, "--model_ori")
         log.info("initialization (structured sketching)...")
         t0 = time.time()
@@ -477,9 +593,11 @@ def alq(st):
         optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
         best_acc = st.evaluate(net, "val")["top1"]
         st.evaluate(net, "test")
-        save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-init")
+        save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-init", quantlab=ident,
+                   model_ori_sha256=ori_sha)
         start = 0
     opts = (optimizer_w, optimizer_b)
+    eta = runs.ETA(len(sched), start)
     for i in range(start, len(sched)):
         r, phase, e = sched[i]
         if i == 0 or sched[i - 1][0] != r:  # every outer iteration restarts at --lr
@@ -497,22 +615,25 @@ def alq(st):
             s = prune(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
                       device, desc=f"r{r} prune {e}")
         log.info(f"ALQ r {r} {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                 f"({time.time() - t0:.0f}s)")
+                 f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
         v = st.evaluate(net, "val")["top1"]
         step = i + 1
         log.scalar("alq/train_loss", s["loss"], step)
         log.scalar("alq/val_top1", v, step)
         log.scalar("alq/avg_bit", average_bitwidth(params_bin), step)
+        log.flush()
         if phase == "prune":
             best_acc = v  # the original resets best_acc after every pruning
             log.info(bit_report(params_bin))
             st.evaluate(net, "test")
-            save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", round=r)
+            save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", round=r, quantlab=ident,
+                       model_ori_sha256=ori_sha)
         elif v > best_acc:
             best_acc = v
         save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-resume", next=step,
-                   best_acc=best_acc, rng=get_rng_state())
-    save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True)
+                   best_acc=best_acc, rng=get_rng_state(), quantlab=ident, model_ori_sha256=ori_sha)
+    save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True, quantlab=ident,
+               model_ori_sha256=ori_sha)
     if os.path.exists(rpath):
         os.remove(rpath)
     return net, params_bin
@@ -529,11 +650,22 @@ def posttrain(st):
     ste_epochs, coord_epochs = st.post_epochs
     sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
     if args.resume and os.path.exists(rpath):
+        rck = load_checkpoint(rpath, what="POSTTRAIN resume file")
+        check_stage_input(rck, "model_sha256", args.model, "--model", f"the POSTTRAIN resume file {rpath}")
+        model_sha, ident = rck.get("model_sha256"), rck.get(IDENTITY_KEY) or st.ident("POSTTRAIN", None)
         params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
             resume_stage(rpath, net, args, legacy_flip, "POSTTRAIN", len(sched), log)
     else:
         log.info(f"load quantized model {args.model} ...")
         ck, params_w, params_b, params_bin = load_quantized(args.model, net, legacy_flip)
+        src = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
+        src_recipe = (src or {}).get("recipe")
+        if src is not None and not src.get("finished"):
+            src_recipe = dict(src_recipe or {}, full=False,
+                              summary=f"{(src_recipe or {}).get('summary', '?')}; ALQ stage not finished")
+        model_sha = sha256_file(args.model)
+        ident = st.ident("POSTTRAIN", combine_recipes(src_recipe, stage_recipe(args, "POSTTRAIN")),
+                         model_sha256=model_sha)
         if str(ck.get("stage", "")).startswith("ALQ-init"):
             log.info("  note: this is the model right after initialization (the ALQ stage did not finish)")
         optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
@@ -545,9 +677,11 @@ def posttrain(st):
         best_acc = st.evaluate(net, "val")["top1"]
         st.evaluate(net, "test")
         set_lr((optimizer_w, optimizer_b), args.lr)
-        save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=0, val_top1=best_acc)
+        save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=0, val_top1=best_acc,
+                   quantlab=ident, model_sha256=model_sha)
         start = 0
     opts = (optimizer_w, optimizer_b)
+    eta = runs.ETA(len(sched), start)
     for i in range(start, len(sched)):
         phase, e = sched[i]
         t0 = time.time()
@@ -562,15 +696,17 @@ def posttrain(st):
             s = train_coordinate(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
                                  desc=f"post coord {e}")
         log.info(f"POSTTRAIN {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                 f"({time.time() - t0:.0f}s)")
+                 f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
         v = st.evaluate(net, "val")["top1"]
         log.scalar("posttrain/train_loss", s["loss"], i + 1)
         log.scalar("posttrain/val_top1", v, i + 1)
+        log.flush()
         if v > best_acc:
             best_acc = v
-            save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=i + 1, val_top1=v)
+            save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=i + 1, val_top1=v,
+                       quantlab=ident, model_sha256=model_sha)
         save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN-resume", next=i + 1,
-                   best_acc=best_acc, rng=get_rng_state())
+                   best_acc=best_acc, rng=get_rng_state(), quantlab=ident, model_sha256=model_sha)
     mark_finished(out)
     if os.path.exists(rpath):
         os.remove(rpath)
@@ -593,6 +729,42 @@ def _final_model(args, ran):
     return max(cands, key=os.path.getmtime)
 
 
+def place_outputs(args, run_dir):
+    """Stage outputs at the documented default paths (./lenet5_model_ori.pth ...) are written into the run
+    directory instead, and the documented path becomes a link to the finished file, so a new run never
+    replaces another's model and `--ALQ` / `--POSTTRAIN` / `--export` run alone still read the latest one.
+    Explicit paths are used as given. With --resume a stage finished in an earlier run (its documented link)
+    is kept as is. Returns {stage: documented path to link}."""
+    doc = getattr(args, "documented_paths", None) or {}
+    default_model = args.model == doc.get("model")
+    post_doc = model_post_path(args) if args.model_post is None and default_model else None
+    links = {}
+    for stage, attr, on, documented in (("PRETRAIN", "model_ori", args.PRETRAIN,
+                                         doc.get("model_ori") if args.model_ori == doc.get("model_ori") else None),
+                                        ("ALQ", "model", args.ALQ, doc.get("model") if default_model else None),
+                                        ("POSTTRAIN", "model_post", args.POSTTRAIN, post_doc)):
+        if not on or documented is None:
+            continue
+        mine = os.path.join(run_dir, os.path.basename(documented))
+        if args.resume and not os.path.exists(mine) and not os.path.exists(resume_path(mine)) \
+                and is_finished(documented):
+            setattr(args, attr, documented)       # finished in an earlier run: skipped below
+            continue
+        setattr(args, attr, mine)
+        links[stage] = documented
+    return links
+
+
+def alq_run_dir(arch, resume):
+    """runs/alq/<arch>-<time>/ for a new run; with --resume the newest runs/alq/<arch>-*/ (the killed run's)."""
+    root = os.path.join(runs.runs_root(), "alq")
+    if resume and os.path.isdir(root):
+        mine = sorted(d for d in os.listdir(root) if d.startswith(arch + "-") and os.path.isdir(os.path.join(root, d)))
+        if mine:
+            return os.path.join(root, mine[-1])
+    return runs.plan_run_dir("alq", (arch,))
+
+
 def published(arch, dataset):
     """The paper's row for this model ({metric: value}) from common/published/alq.json, or {}."""
     try:
@@ -613,33 +785,59 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     check_args(args)
     if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
         raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
+    run_dir = args.log_dir or alq_run_dir(arch, args.resume)
+    check_writable_dir(run_dir, "--log_dir" if args.log_dir else "QUANTLAB_RUNS")
+    links = place_outputs(args, run_dir)
+    check_outputs(args)
     seed_everything(args.seed, deterministic=True)      # resumed stages repeat uninterrupted ones (CUDA too)
     device = get_device()
-    log = RunLog(args.log_dir or os.path.join("logs", arch), args, seed=args.seed, device=device)
+    log = runs.start_run("alq", run_dir, args, seed=args.seed, device=device).log
+    interrupt.install()                           # SIGTERM stops like Ctrl-C: logs closed, resume file kept
     loaders = make_loaders(args)
-    st = Stage(args, build_net, loaders, device, log, post_coord_lr)
+    st = Stage(args, build_net, loaders, device, log, post_coord_lr, arch=arch)
+    inputs = {"ALQ": ("model_ori_sha256", args.model_ori, "--model_ori"),
+              "POSTTRAIN": ("model_sha256", args.model, "--model")}
     ran, times = [], {}
     for name, flag, fn, out in (("PRETRAIN", args.PRETRAIN, pretrain_recipe, args.model_ori),
                                 ("ALQ", args.ALQ, alq, args.model),
                                 ("POSTTRAIN", args.POSTTRAIN, posttrain, model_post_path(args))):
+        if flag and name in links:
+            log.info(f"== {name} output: {out} (linked from {links[name]} when the stage finishes)")
         if flag and args.resume and is_finished(out):
+            if name in inputs:                    # a finished stage built on an input re-created since is stale
+                check_stage_input(load_checkpoint(out), *inputs[name][:2], inputs[name][2],
+                                  f"the finished {name} output {out}")
             log.info(f"== {name}: already finished ({out}), skipped (--resume) ==")
             ran.append(name)
         elif flag:
             log.info(f"== {name} ==")
             t0 = time.time()
-            fn(st)
+            try:
+                fn(st)
+            except KeyboardInterrupt as e:        # SIGINT/SIGTERM (common.interrupt): say what --resume continues
+                rp = resume_path(out)
+                msg = (f"{name} stopped; --resume continues it from its last finished epoch ({rp})"
+                       if os.path.exists(rp) else f"{name} stopped in its first epoch; --resume restarts that stage")
+                raise interrupt.Interrupted(msg, getattr(e, "signum", signal.SIGINT)) from None
             times[name] = time.time() - t0
             ran.append(name)
             log.info(f"== {name} done in {times[name] / 60:.1f} min ==")
+            if name in links:                     # the original's documented path -> this run's file
+                runs.link_latest(out, links[name], say=log.info)
     if ran == ["PRETRAIN"] and not args.export:
-        log.close()
+        runs.end_run()
         return
     src = _final_model(args, ran)
     net = build_net().to(device)
     ck, _, _, params_bin = load_quantized(src, net, not args.fix_sign_flip)
     posttrained = str(ck.get("stage", "")).startswith("POSTTRAIN")
     setting = "ALQ" if posttrained else "ALQ-before-POSTTRAIN"
+    ident = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
+    recipe = (ident or {}).get("recipe")
+    if not ck.get("finished"):                    # a half-finished stage output is never the final result
+        recipe = dict(recipe or {}, full=False,
+                      summary=f"{(recipe or {}).get('summary', 'recipe not recorded')}; {ck.get('stage')} not finished")
+        log.info(f"note: {src} is not a finished stage output (stage {ck.get('stage')}); recorded as shortened")
     bits, skb = average_bitwidth(params_bin), storage_KB(params_bin)
     log.info(f"final quantized model {src} ({ck.get('stage')}):\n{bit_report(params_bin)}")
     extra = {"source": os.path.abspath(src), "stage": ck.get("stage"), "seed": args.seed, "KB": f"{KB} bytes",
@@ -669,9 +867,9 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     if pub:
         log.info("PAPER  " + "  ".join(f"{k} {v:g}" for k, v in pub.items()) + "  (README, storage in KB)")
     n = s["n"]
-    record("alq", arch, dataset, split_name, setting, "top1", s["top1"], n, extra=extra)
-    record("alq", arch, dataset, "n/a", setting, "avg_bits", bits, n, extra=extra)
-    record("alq", arch, dataset, "n/a", setting, "storage_KB", skb, n, extra=extra)
+    record("alq", arch, dataset, split_name, setting, "top1", s["top1"], n, extra=extra, recipe=recipe)
+    record("alq", arch, dataset, "n/a", setting, "avg_bits", bits, n, extra=extra, recipe=recipe)
+    record("alq", arch, dataset, "n/a", setting, "storage_KB", skb, n, extra=extra, recipe=recipe)
     if packed_kb is not None:
-        record("alq", arch, dataset, "n/a", setting, "packed_KB", packed_kb, n, extra=extra)
-    log.close()
+        record("alq", arch, dataset, "n/a", setting, "packed_KB", packed_kb, n, extra=extra, recipe=recipe)
+    runs.end_run()

@@ -3,8 +3,10 @@
 `build_power_value(B)` reproduces the original float32 values AND their element order (the original
 takes `list(set(sums))`, so the unsorted set order decides argmin ties). `nearest_level(x, levels)`
 returns exactly what the original's `argmin |x - level|` returns, without a (levels x elements) tensor.
+`LevelProjector(levels)` is what the quantizers use: the same bits, tables built once per module, and no
+host synchronisation or data-dependent branch per call (`nearest_level` reads the levels and may fall back
+to the argmin for a few elements, which syncs).
 """
-import weakref
 from fractions import Fraction
 
 import numpy as np
@@ -139,29 +141,17 @@ class _LevelTable:
         return self._on[device]
 
 
-_TABLES = {}      # (level values, dtype) -> _LevelTable
-_BY_ID = {}       # id(levels) -> (weakref, version, dtype, table): skips reading GPU levels each call
+_TABLES = {}      # (level values, dtype) -> _LevelTable, for the generic `nearest_level` only
 
 
 def _table(levels):
-    key_id = (id(levels), levels.dtype)
-    hit = _BY_ID.get(key_id)
-    if hit is not None and hit[0]() is levels and hit[1] == levels._version:
-        return hit[2]
     cpu = levels.detach().cpu()
     key = (tuple(cpu.tolist()), cpu.dtype)
     if key not in _TABLES:
         if len(_TABLES) > 256:
             _TABLES.clear()
         _TABLES[key] = _LevelTable(cpu)
-    table = _TABLES[key]
-    try:
-        if len(_BY_ID) > 1024:
-            _BY_ID.clear()
-        _BY_ID[key_id] = (weakref.ref(levels), levels._version, table)
-    except TypeError:
-        pass
-    return table
+    return _TABLES[key]
 
 
 @torch.no_grad()
@@ -223,3 +213,114 @@ def _nearest_level_neighbours(x, levels):
         sel = wide.nonzero().squeeze(1)
         out[sel] = nearest_level_argmin(flat[sel], levels)
     return out.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync-free projection for the quantizers: per-module tables, one gather chain per element
+
+
+_MANTISSA_BITS = range(4, 11)   # cells per binade: 2^m, the smallest m keeping one threshold per cell
+_PROJECTOR_TABLES = {}    # level values -> cell tables (construction time only; modules hold them as buffers)
+
+
+class LevelProjector(torch.nn.Module):
+    """Pi onto a normalised level set (min 0, max 1): the same float32 bits as `nearest_level_argmin`,
+    with no host synchronisation and no data-dependent branch (so `torch.compile` fuses it).
+
+    Built once per level set (shared by the modules as non-persistent buffers). The float32 bit pattern
+    shifted right by 23 - m (sign, exponent and the top m mantissa bits, m = 4..10 as the level set needs:
+    6 for 5-bit APoT, 8 for 6-bit) indexes a cell directly; a cell holds a sorted level index K and
+    at most one exact decision threshold T (`_LevelTable`; NaN: none), and Pi(x) = vals[K + (x >= T)]:
+      - binades between the smallest threshold and 2: 2^m cells each;
+      - below the smallest threshold: level 0; [2, 2^128): level 1;
+      - inf and NaN: the first level of the given order (all distances inf/NaN: the argmin's first index);
+      - negative x: level 0, except far out (|x| >= 2^17 or so for APoT) where fl(|x| + l) == |x| ties
+        the small levels l with 0: the winner depends only on |x|'s binade and, through round-half-to-even,
+        the parity of its last bit. `signed=True` adds that parity term (one gather more); without it the
+        far-negative odd-parity inputs are out of the domain (the post-abs / post-clamp(0, 1) projections).
+    Exact for every float32 input except finite x > 2 (the quantizers clamp to <= 1 first) and, unsigned,
+    far-negative x. Other dtypes go through `nearest_level`. Buffers are non-persistent: no state_dict keys.
+    """
+
+    def __init__(self, levels, signed=True):
+        super().__init__()
+        levels = levels.detach().cpu().to(torch.float32).reshape(-1)
+        vals, _ = _sorted_levels(levels)
+        if vals.numel() < 2 or vals[0].item() != 0.0 or vals[-1].item() != 1.0:
+            raise ValueError("LevelProjector needs a level set with min 0 and max 1 (build_power_value)")
+        table = _LevelTable(levels)
+        if not table.safe:
+            raise ValueError("LevelProjector: level set too dense for exact decision thresholds")
+        self.signed = signed
+        key = tuple(levels.tolist())                        # built once per level set, shared by the modules
+        if key not in _PROJECTOR_TABLES:
+            _PROJECTOR_TABLES[key] = _projector_tables(levels, vals, table.bounds[1:-1].numpy())
+        self.shift, cell_k, cell_t, parity = _PROJECTOR_TABLES[key]
+        self.offset = 1 << (31 - self.shift)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("vals", vals, persistent=False)
+        self.register_buffer("cell_k", cell_k, persistent=False)
+        self.register_buffer("cell_t", cell_t, persistent=False)
+        self.register_buffer("parity", parity if signed else None, persistent=False)
+
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            return nearest_level(x, self.levels)
+        flat = x.detach().reshape(-1)
+        bits = flat.view(torch.int32)
+        cell = (bits >> self.shift).add_(self.offset)                              # 0 .. 2^(32 - shift) - 1
+        k = self.cell_k.index_select(0, cell).add_(flat >= self.cell_t.index_select(0, cell))  # NaN T: never
+        if self.signed:
+            k.add_((bits & 1).mul_(self.parity.index_select(0, cell)))             # far negatives, odd last bit
+        return self.vals.index_select(0, k).view(x.shape)
+
+    def extra_repr(self):
+        return f"levels={self.vals.numel()}, cells={self.cell_k.numel()}, signed={self.signed}"
+
+
+def _f32(bits):
+    return np.asarray(bits, dtype=np.int64).astype(np.uint32).view(np.float32)
+
+
+def _argmin_np(x, levels):
+    """The reference argmin in float32 numpy (first index wins; NaN rows -> index 0)."""
+    d = np.abs(x[:, None] - levels[None, :])
+    return np.where(np.isnan(d).any(axis=1), 0, np.argmin(np.where(np.isnan(d), np.inf, d), axis=1))
+
+
+def _projector_tables(levels, vals, thresholds):
+    """(shift, K, T, parity delta) over every cell = float32 bits >> shift (+ offset)."""
+    lv, v = levels.numpy(), vals.numpy()
+    first = int(np.searchsorted(v, lv[0]))                 # sorted index of the first level in the given order
+    e_lo = int(np.float32(thresholds[0]).view(np.int32)) >> 23
+    for m in _MANTISSA_BITS:
+        shift = 23 - m
+        u = np.arange(-(1 << (31 - shift)), 1 << (31 - shift), dtype=np.int64)   # cell value = bits >> shift
+        lo = u << shift
+        hi = lo | ((1 << shift) - 1)
+        field = (u >> m) & 0xFF
+        pos = (u >= 0) & (field >= e_lo) & (field < 128)
+        lo_k = np.searchsorted(thresholds, _f32(lo[pos]), side="right")
+        hi_k = np.searchsorted(thresholds, _f32(hi[pos]), side="right")
+        if (hi_k - lo_k).max() <= 1:
+            break
+    else:
+        raise ValueError("LevelProjector: thresholds too close for the cell table")
+    k = np.zeros(u.shape, dtype=np.int64)                  # level 0: tiny positives, moderate negatives
+    t = np.full(u.shape, np.nan, dtype=np.float32)
+    par = np.zeros(u.shape, dtype=np.int64)
+    k[pos] = lo_k
+    t[pos] = np.where(hi_k > lo_k, thresholds[np.minimum(lo_k, len(thresholds) - 1)], np.nan)
+    k[(u >= 0) & (field >= 128)] = len(v) - 1              # [2, inf): the top level
+    k[field == 255] = first                                # +-inf, NaN
+    # negative binades: the reference at both ends of each binade, for an even and an odd last bit
+    f = np.arange(255, dtype=np.int64)[:, None] << 23
+    ends = (np.concatenate([f, f | 1, f | 0x7FFFFE, f | 0x7FFFFF], axis=1) | (1 << 31)).ravel()
+    win = np.searchsorted(v, lv[_argmin_np(_f32(ends), lv)]).reshape(255, 4)
+    bad = np.flatnonzero((win[:, 0] != win[:, 2]) | (win[:, 1] != win[:, 3]))
+    if bad.size:
+        raise ValueError(f"LevelProjector: negative binade {bad[0]} has no closed form")
+    neg = (u < 0) & (field < 255)
+    k[neg], par[neg] = win[field[neg], 0], win[field[neg], 1] - win[field[neg], 0]
+    return (shift, torch.from_numpy(k.astype(np.int32)), torch.from_numpy(t),
+            torch.from_numpy(par.astype(np.int32)))

@@ -6,8 +6,9 @@
 #   2. train the CIFAR-10 ResNet-20 progressive recipe 32 -> 4 -> 3 -> 2 bits (CIFAR10/train_res20.sh,
 #      EPOCHS per stage, default 300 as published), whose results are recorded last so `compare` shows them;
 #   3. print published vs measured (python -m common.compare apot).
-# Environment: EPOCHS, DATA (default ../shared/data if present, else ./data), CKPT, OUT (training output,
-# default apot/CIFAR10/result), PYTHON, RESUME=1 (continue interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1,
+# Environment: EPOCHS, DATA (default ../shared/data if present, else ./data), CKPT (the published checkpoints,
+# see apot/README.md), OUT (training output, default runs/apot/reproduce-res20-<time>/ holding one run directory
+# per stage), PYTHON, RESUME=1 (continue the newest reproduction's interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1,
 # APOT_THREADS=N (torch CPU threads; unset = torch's default. On a shared 2-core machine 1 is often faster,
 # because OpenMP threads spin while another job holds the other core).
 set -euo pipefail
@@ -25,7 +26,13 @@ DATA=$(abspath "$DATA")
 CKPT=$(abspath "$CKPT")
 # CIFAR-10 under DATA/cifar10 (the shared layout) or DATA itself (torchvision's cifar-10-batches-py)
 if [ -d "$DATA/cifar10" ]; then CIFAR=$DATA/cifar10; else CIFAR=$DATA; fi
-OUT=${OUT:-result}
+# Each reproduction trains into its own folder (no run overwrites another); RESUME=1 continues the newest.
+RUNS=${QUANTLAB_RUNS:-$ROOT/runs}
+if [ -z "${OUT:-}" ]; then
+    last=$(ls -d "$RUNS"/apot/reproduce-res20-* 2>/dev/null | tail -1 || true)
+    if [ "${RESUME:-0}" = 1 ] && [ -n "$last" ]; then OUT=$last
+    else OUT="$RUNS/apot/reproduce-res20-$(date +%Y%m%d-%H%M%S)"; fi
+fi
 case "$OUT" in /*) ;; *) OUT="$ROOT/apot/CIFAR10/$OUT" ;; esac
 
 cat <<MSG
@@ -54,7 +61,7 @@ if [ "${SKIP_CKPT:-0}" != 1 ] && [ -d "$CKPT" ]; then
         done
     done
 elif [ "${SKIP_CKPT:-0}" != 1 ]; then
-    echo "== no published checkpoints at $CKPT (set CKPT=...): skipping their evaluation"
+    echo "== no published checkpoints at $CKPT: skipping their evaluation (apot/README.md says where to get them; set CKPT=...)"
 fi
 
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then

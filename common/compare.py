@@ -1,10 +1,21 @@
 """Published vs reproduced numbers: `python -m common.compare [paper ...]` (what `make compare` runs).
 
-Every row of `common/published/<paper>.json` is paired with the newest record in
-`results/<paper>.jsonl` (written by `common.results.record`) that has the same
-(model, dataset, setting, metric). The script prints one table per paper and writes
-`results/RESULTS.md` (all papers) and one bar chart per paper, `results/compare_<paper>.png`.
-`RESULTS_DIR` (or `--results-dir`) moves both the records it reads and the files it writes.
+Every row of `common/published/<paper>.json` is paired with the best-qualified record of the same
+(model, dataset, setting, metric), preferring the published split: a full recipe before an unknown one,
+the full evaluation split before a subset, more samples, then the newest. Records of shortened runs
+(recipe.full false: fewer epochs, smoke-test limits) are never paired by default; they are listed as
+such (`--include-shortened` pairs them, marked). Several seeds of the same setting are aggregated
+(mean, std, min-max, n).
+
+Two sources of records, shown side by side:
+  reference   results/reference/<paper>/*.jsonl, committed: what this project measured (full recipes,
+              published-checkpoint evaluations), with command, commit, machine, seed and wall time;
+  local       results/<paper>.jsonl (ignored by git; `RESULTS_DIR` or `--results-dir` moves it), written
+              by common.results.record on this machine.
+A line that is not a valid record is skipped with a warning naming file:line.
+
+The script prints one table per paper and writes `results/RESULTS.md` (all papers) and one chart per
+paper, `results/compare_<paper>.png` (axes from zero, measured rows only).
 
     python -m common.compare              # all five papers
     python -m common.compare apot dambq   # print two papers (RESULTS.md still covers all five)
@@ -17,11 +28,13 @@ import re
 import sys
 import time
 
+from common import REPO_ROOT
 from common.errors import UserError, run_main
-from common.results import read_records, results_dir
+from common.results import read_jsonl, read_records, results_dir
 
 PAPERS = ("apot", "alq", "dambq", "alignq", "fdda")
 PUBLISHED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published")
+REFERENCE_DIR = os.path.join(REPO_ROOT, "results", "reference")   # committed records (QUANTLAB_REFERENCE moves it)
 ROW_FIELDS = ("model", "dataset", "setting", "metric", "value", "split", "source")
 KEY_FIELDS = ("model", "dataset", "setting", "metric")
 
@@ -70,6 +83,11 @@ def key_of(row):
     return tuple(row.get(k) for k in KEY_FIELDS)
 
 
+def has_code(paper):
+    """Whether the paper's directory exists in this checkout (a paper without code is marked as such)."""
+    return os.path.isdir(os.path.join(REPO_ROOT, paper))
+
+
 def latest_by_key(records, extra=()):
     """Newest record per (model, dataset, setting, metric) [+ extra fields]; ties go to the later line."""
     latest = {}
@@ -81,12 +99,81 @@ def latest_by_key(records, extra=()):
     return {k: rec for k, (_, rec) in latest.items()}
 
 
-def load_records(paper, directory=None):
-    try:
-        return read_records(paper, directory)
-    except ValueError as e:
-        where = os.path.join(directory or results_dir(), f"{paper}.jsonl")
-        raise UserError(f"{where} has a line that is not valid JSON ({e}); fix or delete that line")
+def load_records(paper, directory=None, warn=None):
+    """Local records (results/<paper>.jsonl); corrupt lines are skipped with a file:line warning."""
+    return [dict(r, _origin="local") for r in read_records(paper, directory, warn)]
+
+
+def reference_dir():
+    return os.environ.get("QUANTLAB_REFERENCE") or REFERENCE_DIR
+
+
+def load_reference(paper, directory=None, warn=None):
+    """Committed reference records: every results/reference/<paper>/*.jsonl, oldest file first."""
+    d = os.path.join(directory or reference_dir(), paper)
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".jsonl"):
+            out += [dict(r, _origin="reference") for r in read_jsonl(os.path.join(d, name), warn)]
+    return out
+
+
+def recipe_full(rec):
+    """True (full recipe), False (shortened) or None (not recorded: records written before recipes)."""
+    r = rec.get("recipe")
+    return r.get("full") if isinstance(r, dict) else None
+
+
+def recipe_text(rec):
+    r = rec.get("recipe")
+    if not isinstance(r, dict):
+        return "recipe not recorded"
+    text = str(r.get("summary") or ("full" if r.get("full") else "shortened"))
+    return "published checkpoint" if text.startswith("published checkpoint (") else text
+
+
+def quality(rec, index=0):
+    """Sort key of a record, best last: full recipe > unknown > shortened, full split > subset, more samples,
+    newer, later line."""
+    full = recipe_full(rec)
+    return ({True: 2, None: 1, False: 0}.get(full, 1), not subset_info(rec)[0], rec.get("n_samples") or 0,
+            str(rec.get("timestamp", "")), index)
+
+
+def seed_stats(group):
+    """{'mean', 'std', 'min', 'max', 'n'} over several seeds of one setting (newest record per seed), or None.
+    Only training runs count (records with a run directory): re-evaluating one checkpoint is not a new seed."""
+    by_seed = {}
+    for rec in sorted(group, key=lambda r: str(r.get("timestamp", ""))):
+        if rec.get("seed") is not None and rec.get("run_dir"):
+            by_seed[rec["seed"]] = rec["value"]
+    vals = list(by_seed.values())
+    if len(vals) < 2:
+        return None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))  # sample std (n-1)
+    return {"mean": mean, "std": std, "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def best_record(candidates, published_split=None):
+    """The best-qualified record among `candidates` (same key), preferring the published split; several
+    seeds of its setting (same split, size and recipe) become `_seeds` statistics and a mean `value`."""
+    if not candidates:
+        return None
+    if published_split:
+        same = [r for r in candidates if base_split(r.get("split", "")) == base_split(published_split)]
+        candidates = same or candidates
+    ranked = sorted(enumerate(candidates), key=lambda ir: quality(ir[1], ir[0]))
+    best = dict(ranked[-1][1])
+    group = [r for r in candidates if r.get("split") == best.get("split") and r.get("n_samples") ==
+             best.get("n_samples") and recipe_text(r) == recipe_text(best)]
+    stats = seed_stats(group)
+    if stats:
+        best["_seeds"] = stats
+        best["value"] = stats["mean"]
+    return best
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -134,31 +221,48 @@ def record_notes(rec, published_split=None):
 
 # ----------------------------------------------------------------------------- comparison
 
-def compare_paper(paper, records=None, directory=None):
-    """Pair published rows with the newest records. Returns a dict used by the printers/plotter."""
+def compare_paper(paper, records=None, directory=None, reference=None, include_shortened=False, warn=None):
+    """Pair published rows with the best-qualified local and reference records.
+
+    Returns the published table plus rows [{published, record, local, reference, delta, notes}] (`record`
+    is the one the delta uses: local when there is one, else reference), `measured_only` (qualified records
+    without a published row or on another split), `shortened` (records of shortened recipes, shown only as
+    such) and counts.
+    """
     pub = load_published(paper)
     if records is None:
-        records = load_records(paper, directory)
-    latest = latest_by_key(records)
-    # Prefer a record measured on the published split (APoT MNIST was published on 'train').
-    by_split = latest_by_key([dict(r, _split=base_split(r.get("split", ""))) for r in records], extra=("_split",))
+        records = load_records(paper, directory, warn)
+    if reference is None:
+        reference = load_reference(paper, warn=warn)
+    records = [r if "_origin" in r else dict(r, _origin="local") for r in records]
+    reference = [r if "_origin" in r else dict(r, _origin="reference") for r in reference]
+    everything = records + reference
+    eligible = [r for r in everything if include_shortened or recipe_full(r) is not False]
+    shortened = [] if include_shortened else [r for r in everything if recipe_full(r) is False]
     rows, used = [], set()
     for prow in pub["rows"]:
-        rec = by_split.get(key_of(prow) + (base_split(prow.get("split", "")),)) or latest.get(key_of(prow))
-        if rec is not None:
-            used.add(key_of(rec) + (base_split(rec.get("split", "")),))
-            rec = {k: v for k, v in rec.items() if k != "_split"}
-        rows.append({
-            "published": prow,
-            "record": rec,
-            "delta": None if rec is None else rec["value"] - prow["value"],
-            "notes": [] if rec is None else record_notes(rec, prow["split"]),
-        })
-    published_keys = {key_of(r) for r in pub["rows"]}
-    measured_only = [{k: v for k, v in rec.items() if k != "_split"}
-                     for k, rec in sorted(by_split.items(), key=lambda kv: tuple(map(str, kv[0])))
-                     if k[:-1] not in published_keys or k not in used]
-    return dict(pub, rows=rows, measured_only=measured_only, n_records=len(records))
+        cands = [r for r in eligible if key_of(r) == key_of(prow)]
+        local = best_record([r for r in cands if r["_origin"] == "local"], prow.get("split"))
+        ref = best_record([r for r in cands if r["_origin"] == "reference"], prow.get("split"))
+        rec = local or ref
+        for r in (local, ref):
+            if r is not None:
+                used.add(key_of(r) + (base_split(r.get("split", "")), r["_origin"]))
+        notes = [] if rec is None else record_notes(rec, prow["split"])
+        if rec is not None and recipe_full(rec) is None:
+            notes.append("recipe not recorded")
+        if rec is not None and recipe_full(rec) is False:
+            notes.append(f"SHORTENED ({recipe_text(rec)}): not a reproduction")
+        rows.append({"published": prow, "record": rec, "local": local, "reference": ref,
+                     "delta": None if rec is None else rec["value"] - prow["value"], "notes": notes})
+    groups = {}
+    for r in eligible:
+        groups.setdefault(key_of(r) + (base_split(r.get("split", "")), r["_origin"]), []).append(r)
+    measured_only = [best_record(g) for k, g in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))
+                     if k not in used]
+    shortened = sorted(shortened, key=lambda r: tuple(map(str, key_of(r) + (r.get("timestamp"),))))
+    return dict(pub, rows=rows, measured_only=measured_only, shortened=shortened, n_records=len(records),
+                n_reference=len(reference), has_code=has_code(paper))
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -186,6 +290,21 @@ def fmt_delta(d):
     return "-" if d is None else f"{d:+.2f}"
 
 
+PAPER_REPOS = {"apot": "github.com/yhhhli/APoT_Quantization", "alq": "github.com/zqu1992/ALQ",
+               "dambq": "github.com/sijeh/DAMBQV2", "alignq": "github.com/tinganchen/AlignQ",
+               "fdda": "github.com/zysxmu/FDDA"}
+
+
+def readable(paper, text):
+    """Cite only what a user can read: 'seed README' is the paper repository's README; references to this
+    project's internal notes and reference folders are dropped."""
+    repo = PAPER_REPOS.get(paper, "the paper's repository")
+    text = re.sub(r"\s*\((?:see )?(?:the )?notes[^)]*\)", "", str(text), flags=re.I)
+    text = re.sub(r"\s*\([^)]*(?:originals-|reference/)[^)]*\)", "", text)
+    text = re.sub(r"[Ss]eed README", f"README of {repo}", text)
+    return re.sub(r"reference/\w+/logs", f"the authors' logs in {repo}", text)
+
+
 def short_source(source):
     """'seed README, Results table, row 'Original' (...)' -> "seed README 'Original'"."""
     short = source.split(",")[0].strip()
@@ -198,6 +317,22 @@ def run_of(rec):
     return f"{rec.get('script', '?')} @ {commit} {rec.get('timestamp', '')}".strip()
 
 
+def fmt_value(rec):
+    """'92.3', or 'mean ±std (min-max, n=3 seeds)' when several seeds share the setting."""
+    if rec is None:
+        return "-"
+    st = rec.get("_seeds")
+    if st:
+        return f"{fmt(st['mean'])} ±{st['std']:.2f} ({fmt(st['min'])}-{fmt(st['max'])}, n={st['n']} seeds)"
+    return fmt(rec["value"])
+
+
+def how_run(rec):
+    """The command and run directory of a record (evaluations of a checkpoint have no run directory)."""
+    run_dir = rec.get("run_dir") or (rec.get("extra") or {}).get("checkpoint") or "-"
+    return f"{rec.get('command', '?')} [run: {run_dir}]"
+
+
 def footnotes_of(result):
     """Published-row notes, deduplicated: ({note: number}, [(number, note)])."""
     numbers = {}
@@ -208,13 +343,18 @@ def footnotes_of(result):
     return numbers, [(i, n) for n, i in numbers.items()]
 
 
-COMPARE_HEADER = ("model", "dataset", "setting", "metric", "published", "source", "reproduced", "delta",
-                  "n_samples", "split (pub/meas)", "run", "notes")
-MEASURED_HEADER = ("model", "dataset", "setting", "metric", "value", "n_samples", "split", "run", "notes")
+COMPARE_HEADER = ("model", "dataset", "setting", "metric", "published", "source", "reference", "local", "delta",
+                  "n_samples", "split (pub/meas)", "recipe", "run", "notes")
+MEASURED_HEADER = ("model", "dataset", "setting", "metric", "value", "from", "n_samples", "split", "recipe", "run",
+                   "notes")
+
+
+def not_run_text(result):
+    return "not yet run" if result.get("has_code", True) else "no code in this repository yet"
 
 
 def table_cells(result):
-    """Rows of cells for the comparison table and the measured-only table."""
+    """Rows of cells for the comparison table, the measured-only table and the shortened-runs table."""
     numbers, _ = footnotes_of(result)
     paired = []
     for entry in result["rows"]:
@@ -223,17 +363,20 @@ def table_cells(result):
         if p.get("note"):
             notes.append(f"see [{numbers[p['note']]}]")
         if rec is None:
-            measured = ("not yet run", "-", "-", p["split"], "-")
+            measured = (not_run_text(result), "-", "-", "-", p["split"], "-", "-")
         else:
-            measured = (fmt(rec["value"]), fmt_delta(entry["delta"]), f"{rec.get('n_samples', 0):,}",
-                        f"{p['split']} / {rec.get('split', '?')}", run_of(rec))
+            measured = (fmt_value(entry["reference"]), fmt_value(entry["local"]), fmt_delta(entry["delta"]),
+                        f"{rec.get('n_samples', 0):,}", f"{p['split']} / {rec.get('split', '?')}", recipe_text(rec),
+                        run_of(rec))
         paired.append((p["model"], p["dataset"], p["setting"], p["metric"], fmt_published(p),
-                        short_source(p["source"])) + measured + ("; ".join(notes),))
-    measured_only = [(r.get("model"), r.get("dataset"), r.get("setting"), r.get("metric"), fmt(r.get("value")),
-                      f"{r.get('n_samples', 0):,}", r.get("split", "?"), run_of(r),
-                      "; ".join(record_notes(r)))
-                     for r in result["measured_only"]]
-    return paired, measured_only
+                       readable(result["paper"], short_source(p["source"]))) + measured + ("; ".join(notes),))
+
+    def measured_row(r):
+        return (r.get("model"), r.get("dataset"), r.get("setting"), r.get("metric"), fmt_value(r),
+                r.get("_origin", "local"), f"{r.get('n_samples', 0):,}", r.get("split", "?"), recipe_text(r),
+                run_of(r), "; ".join(record_notes(r)))
+    return paired, [measured_row(r) for r in result["measured_only"]], \
+        [measured_row(r) for r in result.get("shortened", [])]
 
 
 def text_table(header, rows):
@@ -252,111 +395,156 @@ def md_table(header, rows):
     return "\n".join(out)
 
 
+def commands_of(result):
+    """One line per paired row: the command and run directory behind the number."""
+    out = []
+    for entry in result["rows"]:
+        for origin in ("reference", "local"):
+            rec = entry[origin]
+            if rec is not None:
+                p = entry["published"]
+                out.append(f"{p['model']} {p['dataset']} {p['setting']} {p['metric']} ({origin}): {how_run(rec)}")
+    return list(dict.fromkeys(out))
+
+
 def format_text(result):
-    paired, measured_only = table_cells(result)
+    paired, measured_only, shortened = table_cells(result)
     done = sum(1 for e in result["rows"] if e["record"] is not None)
-    out = [f"== {result['paper']}: {result['title']} ({result['venue']})",
-           f"   {len(result['rows'])} published rows, {done} reproduced, {result['n_records']} records"]
+    out = [f"== {result['paper']}: {result['title']} ({result['venue']})"
+           + ("" if result.get("has_code", True) else "  [no code in this repository yet]"),
+           f"   {len(result['rows'])} published rows, {done} measured, {result['n_records']} local records, "
+           f"{result.get('n_reference', 0)} reference records"]
     if paired:
         out.append(text_table(COMPARE_HEADER, paired))
     else:
         out.append("(no published numbers; see the notes in common/published/%s.json)" % result["paper"])
     for i, note in footnotes_of(result)[1]:
-        out.append(f"[{i}] {note}")
+        out.append(f"[{i}] {readable(result['paper'], note)}")
+    cmds = commands_of(result)
+    if cmds:
+        out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
     if measured_only:
         out += ["", "measured only (no published counterpart):", text_table(MEASURED_HEADER, measured_only)]
+    if shortened:
+        out += ["", "shortened runs (not reproductions; --include-shortened pairs them):",
+                text_table(MEASURED_HEADER, shortened)]
     return "\n".join(out) + "\n"
 
 
 def format_markdown(results):
     out = ["# quantlab: published vs reproduced", "",
            f"Generated by `python -m common.compare` on {time.strftime('%Y-%m-%d %H:%M:%S')} from "
-           "`common/published/<paper>.json` and `results/<paper>.jsonl` (newest record per "
-           "model/dataset/setting/metric). delta = reproduced - published. "
+           "`common/published/<paper>.json`, the committed reference records `results/reference/<paper>/` and "
+           "the local records `results/<paper>.jsonl` (best-qualified record per model/dataset/setting/metric: "
+           "full recipe, full split, newest; shortened runs are listed separately and never paired). "
+           "delta = measured (local, else reference) - published. "
            "Runs on fewer samples than the official split (CIFAR-10 test 10,000; MNIST test 10,000; "
            "ImageNet val 50,000) show the binomial standard error sqrt(p(1-p)/n) in points.", ""]
     for result in results:
-        paired, measured_only = table_cells(result)
+        paired, measured_only, shortened = table_cells(result)
         out += [f"## {result['paper']}: {result['title']} ({result['venue']})", ""]
+        if not result.get("has_code", True):
+            out += [f"_No code for {result['paper']} in this repository yet._", ""]
         if result["notes"]:
-            out += [result["notes"], ""]
+            out += [readable(result["paper"], result["notes"]), ""]
         out += [md_table(COMPARE_HEADER, paired) if paired else "_No published numbers._", ""]
         notes = footnotes_of(result)[1]
         if notes:
-            out += [f"[{i}] {note}  " for i, note in notes] + [""]
+            out += [f"[{i}] {readable(result['paper'], note)}  " for i, note in notes] + [""]
+        cmds = commands_of(result)
+        if cmds:
+            out += ["Commands and run directories:", ""] + [f"- `{c}`" for c in cmds] + [""]
         out += ["**Measured only** (no published counterpart):", ""]
         out += [md_table(MEASURED_HEADER, measured_only) if measured_only else "_none_", ""]
-        out += [f"![{result['paper']} top-1: published vs reproduced](compare_{result['paper']}.png)", ""]
+        if shortened:
+            out += ["**Shortened runs** (not reproductions):", "", md_table(MEASURED_HEADER, shortened), ""]
+        out += [f"![{result['paper']}: published vs measured](compare_{result['paper']}.png)", ""]
     return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- chart
 
 def _se_of(rec):
-    if rec is None or not (rec.get("n_samples") or 0) > 0 or not subset_info(rec)[0]:
+    if rec is None:
+        return None
+    if rec.get("_seeds"):
+        return rec["_seeds"]["std"]
+    if not (rec.get("n_samples") or 0) > 0 or not subset_info(rec)[0] or not is_accuracy(rec.get("metric")):
         return None
     return standard_error(rec["value"], rec["n_samples"])
 
 
+CHART_METRICS = (("top1", "top-1 accuracy (%)"), ("avg_bits", "average bits per weight"),
+                 ("storage_KB", "weight storage (KB)"))
+
+
+def chart_groups(result):
+    """Per metric: [(label, published, measured, error, split differs)] for the rows that have a measurement,
+    and the number of published rows not measured yet."""
+    per_metric, not_measured = {}, 0
+    keys = [key_of(e["published"]) for e in result["rows"]]
+    for entry in result["rows"]:
+        p, rec = entry["published"], entry["record"]
+        if rec is None:
+            not_measured += 1
+            continue
+        differs = any(n.startswith("split differs") for n in entry["notes"])
+        label = f"{p['model']} {p['setting']} {p['dataset']}"
+        if keys.count(key_of(p)) > 1:             # the same setting published in two places
+            label += f" [{readable(result['paper'], short_source(p['source']))[:40]}]"
+        if differs:
+            label += f"\n(published on {p['split']}, measured on {rec.get('split')})"
+        per_metric.setdefault(p["metric"], []).append((label, p["value"], rec["value"], _se_of(rec), differs))
+    return per_metric, not_measured
+
+
 def plot_paper(result, path):
-    """Horizontal grouped bars, published vs reproduced, for the top-1 rows; a placeholder when none."""
+    """One horizontal-bar panel per metric (top-1, and ALQ's bits and storage beside it), axes from zero,
+    only the rows that have a measurement, the count of the others in the title.
+    Returns {'bars': measured rows drawn, 'panels': [(metric, (xmin, xmax))], 'not_measured': count}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [key_of(e["published"]) for e in result["rows"]]
-    groups = []  # (label, published, reproduced, standard error or None)
-    for entry, k in zip(result["rows"], keys):
-        p, rec = entry["published"], entry["record"]
-        if not is_accuracy(p["metric"]):
-            continue
-        label = f"{p['model']} {p['setting']} {p['dataset']}"
-        if keys.count(k) > 1:
-            label += f" [{short_source(p['source'])}]"
-        groups.append((label, p["value"], None if rec is None else rec["value"], _se_of(rec)))
-    for rec in result["measured_only"]:
-        if is_accuracy(rec.get("metric")):
-            groups.append((f"{rec.get('model')} {rec.get('setting')} {rec.get('dataset')} (measured only)",
-                           None, rec["value"], _se_of(rec)))
-
-    title = f"{result['paper']}: top-1 (%), published vs reproduced"
-    if not groups:
-        fig, ax = plt.subplots(figsize=(6, 2))
+    per_metric, not_measured = chart_groups(result)
+    panels = [(m, label) for m, label in CHART_METRICS if per_metric.get(m)]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(7, 1.6))
         ax.axis("off")
-        ax.text(0.5, 0.5, f"{result['paper']}: no top-1 numbers to plot yet", ha="center", va="center")
+        why = (f"{result['paper']}: no code in this repository yet" if not result.get("has_code", True)
+               else f"{result['paper']}: no measurement yet ({not_measured} published rows)")
+        ax.text(0.5, 0.5, why, ha="center", va="center")
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        return 0
-
-    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.42 * len(groups)))
-    values = [v for g in groups for v in g[1:3] if v is not None]
-    lo = max(0.0, 5 * math.floor((min(values) - 3) / 5))
-    hi = min(100.0, max(values) + 2)
-    ys = range(len(groups))
-    for y, (label, pub, rep, se) in zip(ys, groups):
-        if pub is not None:
-            ax.barh(y - 0.2, pub - lo, 0.4, left=lo, color="tab:blue")
+        return {"bars": 0, "panels": [], "not_measured": not_measured}
+    n = max(len(per_metric[m]) for m, _ in panels)
+    height = 1.8 + 0.5 * n
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 3.5, height), squeeze=False)
+    for ax, (metric, xlabel) in zip(axes[0], panels):
+        groups = per_metric[metric]
+        hi = max(max(g[1], g[2] + (g[3] or 0)) for g in groups)
+        for y, (label, pub, rep, err, differs) in enumerate(groups):
+            ax.barh(y - 0.2, pub, 0.4, color="tab:blue")
             ax.text(pub, y - 0.2, f" {fmt(pub)}", va="center", fontsize=7)
-        if rep is not None:
-            ax.barh(y + 0.2, rep - lo, 0.4, left=lo, color="tab:orange",
-                    xerr=se, error_kw={"elinewidth": 1, "capsize": 2})
-            ax.text(rep + (se or 0), y + 0.2, f" {fmt(rep)}", va="center", fontsize=7)
-        else:
-            ax.text(lo, y + 0.2, " not yet run", va="center", fontsize=7, color="gray")
-    ax.set_yticks(list(ys))
-    ax.set_yticklabels([g[0] for g in groups], fontsize=8)
-    ax.set_ylim(len(groups) - 0.4, -0.6)  # first row on top
-    ax.set_xlim(lo, hi + 0.08 * (hi - lo))
-    ax.set_xlabel("top-1 accuracy (%); error bar = 1 binomial s.e. for subset runs")
-    ax.set_title(title, loc="left", fontsize=10)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"),
-                       plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
-              labels=["published", "reproduced"], loc="lower right", bbox_to_anchor=(1, 1),
-              ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout()
+            ax.barh(y + 0.2, rep, 0.4, color="tab:orange", hatch="//" if differs else None, edgecolor="white",
+                    xerr=err, error_kw={"elinewidth": 1, "capsize": 2})
+            ax.text(rep + (err or 0), y + 0.2, f" {fmt(rep)}", va="center", fontsize=7)
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([g[0] for g in groups], fontsize=7)
+        ax.set_ylim(len(groups) - 0.4, -0.6)
+        ax.set_xlim(0, (100.0 if metric == "top1" else hi) * 1.12)    # axes from zero: no exaggerated gaps
+        ax.set_xlabel(xlabel + ("; error bar = 1 s.e." if metric == "top1" else ""), fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange"),
+               plt.Rectangle((0, 0), 1, 1, facecolor="tab:orange", hatch="//", edgecolor="white")]
+    labels = ["published", "measured", "measured on another split than published"]
+    rest = f"; {not_measured} more published rows not measured yet" if not_measured else ""
+    fig.suptitle(f"{result['paper']}: published vs measured{rest}", x=0.01, ha="left", fontsize=10)
+    fig.legend(handles=handles, labels=labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.45 / height))   # title and legend in fixed inches
     fig.savefig(path, dpi=100)
+    drawn = [(metric, tuple(ax.get_xlim())) for ax, (metric, _) in zip(axes[0], panels)]
     plt.close(fig)
-    return len(groups)
+    return {"bars": sum(len(per_metric[m]) for m, _ in panels), "panels": drawn, "not_measured": not_measured}
 
 
 # ----------------------------------------------------------------------------- main
@@ -368,12 +556,15 @@ def main(argv=None):
                         help="where results/<paper>.jsonl live and RESULTS.md and charts go "
                              "(default: $RESULTS_DIR or results/)")
     parser.add_argument("--no-write", action="store_true", help="only print; do not write RESULTS.md or charts")
+    parser.add_argument("--include-shortened", action="store_true",
+                        help="also pair records of shortened recipes (smoke runs), marked SHORTENED")
     args = parser.parse_args(argv)
     for p in args.papers:
         check_paper(p)
     directory = args.results_dir or results_dir()
 
-    results = {p: compare_paper(p, directory=directory) for p in PAPERS}
+    results = {p: compare_paper(p, directory=directory, include_shortened=args.include_shortened)
+               for p in PAPERS}
     for p in args.papers or PAPERS:
         print(format_text(results[p]))
     if args.no_write:

@@ -23,9 +23,10 @@ def run_main(main, *args, **kwargs):
         msg = " ".join(str(e).split())  # always one line
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted (resume with --resume)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        message = getattr(e, "message", "") or "no resumable checkpoint was written by this step"
+        print(f"interrupted: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 130))
 
 
 def cli(main):

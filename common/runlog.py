@@ -81,32 +81,69 @@ def manifest(args=None, seed=None, device=None):
     }
 
 
-class RunLog:
-    """Text log + tensorboardX + manifest.json in `run_dir`. `tensorboard=False` skips the writer."""
+def write_manifest(run_dir, man):
+    """manifest.json keeps the run's first invocation; a later one (resume, next stage) is appended to
+    its 'invocations' list instead of replacing it. Written atomically."""
+    path = os.path.join(run_dir, "manifest.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                first = json.load(f)
+        except ValueError:
+            first = None
+        if isinstance(first, dict):
+            first.setdefault("invocations", []).append(man)
+            man = first
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(man, f, indent=2)
+    os.replace(tmp, path)
 
-    def __init__(self, run_dir, args=None, seed=None, device=None, tensorboard=True, quiet=False):
+
+class RunLog:
+    """Text log + tensorboardX + manifest.json in `run_dir`. `tensorboard=False` skips the writer.
+
+    The tensorboard event file is created at the first scalar (a call that fails before logging leaves
+    none), flushed by flush() (call it once per epoch) and closed by close(), which also runs at exit
+    (normal exit, sys.exit, or the KeyboardInterrupt common.interrupt raises for SIGINT/SIGTERM).
+    """
+
+    def __init__(self, run_dir, args=None, seed=None, device=None, tensorboard=True, quiet=False, extra=None):
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "manifest.json"), "w") as f:
-            json.dump(manifest(args, seed, device), f, indent=2)
+        man = manifest(args, seed, device)
+        man.update(extra or {})
+        write_manifest(run_dir, man)
         self._text = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
         self.quiet = quiet
         self.writer = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        self._tensorboard = tensorboard
+        self._closed = False
+        import atexit
+        atexit.register(self.close)
 
     def info(self, msg):
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        self._text.write(line + "\n")
+        if not self._closed:
+            self._text.write(line + "\n")
         if not self.quiet:
             print(msg, flush=True)
 
     def scalar(self, tag, value, step):
+        if self._tensorboard and self.writer is None and not self._closed:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
         if self.writer is not None:
             self.writer.add_scalar(tag, float(value), step)
 
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self):
+        if self._closed:
+            return
+        self._closed = True
         if self.writer is not None:
             self.writer.close()
         self._text.close()

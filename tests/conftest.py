@@ -24,8 +24,14 @@ def require_shared(*parts):
 
 @pytest.fixture(autouse=True)
 def _isolated_results(tmp_path, monkeypatch):
-    """Every test writes its result records into a temp dir, never into results/."""
+    """Every test writes its result records, run directories and reference results into a temp dir, never
+    into the repository's results/ or runs/; a run a test leaves open is closed after it."""
     monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("QUANTLAB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("QUANTLAB_REFERENCE", str(tmp_path / "reference"))
+    yield
+    from common import runs
+    runs.end_run()
 
 
 def run_script(args, cwd, timeout=600, env=None):

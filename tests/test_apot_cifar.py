@@ -27,6 +27,19 @@ NORMALIZE = ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))
 # --data ../shared/data/cifar10` on CPU (torch 2.14.1) and confirmed by the independent argmin forward
 # below. For reference the stored best_prec (full 10,000 images) are 92.96 / 92.47 / 92.51 / 90.96.
 GOLDEN_TOP1 = {32: 94.2, 4: 92.6, 3: 92.9, 2: 90.6}
+# Predictions whose top-2 logits nearly tie may flip on another CPU (or batch size): AVX2 and AVX-512 take
+# different MKL/oneDNN/ATen paths, and in the quantized models a last-bit change of a conv output (oneDNN's
+# AVX2 vs AVX-512 kernels) moves an activation across a level midpoint: 1.5% of the images' logits change by
+# up to 1.8. Measured against AVX-512 with the AVX2 paths forced (MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): FP32 bit-identical (smallest top-2 margin 0.01), 3-bit
+# 930 -> 929 correct, 1 to 3 images per model at risk; 1 vs 2 threads changed nothing. So the goldens allow
+# that many images either way.
+GOLDEN_FLIPS = {32: 1, 4: 3, 3: 3, 2: 3}
+
+
+def golden_tol(bit):
+    """Allowed |top-1 - golden| in points on the 1,000 images: GOLDEN_FLIPS[bit] images, plus rounding."""
+    return 0.1 * GOLDEN_FLIPS[bit] + 0.05
 
 
 def load_main():
@@ -65,12 +78,13 @@ def test_weight_quantizer_forward_and_calibrated_backward():
     alpha = torch.tensor(2.0, requires_grad=True)
     out = q_fn(w_hat, alpha)
     # x = w/α = [-1.5, -.6, -.15, 0, .1, .45, .65, 1.25] -> clamp -> nearest level on |x| -> ×sign ×α
+    # exact: every |x| is >= 0.025 from a midpoint and level × α is a dyadic fraction
     assert torch.equal(out.detach(), torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.0, 1.0, 1.0, 2.0]))
     g = torch.arange(1.0, 9.0)
     (out * g).sum().backward()
     assert torch.equal(w_hat.grad, g)                       # calibrated: no clipping of the weight gradient
     # Σ g·(sign(x)·1[|x|>1] + (q−x)·1[|x|≤1]) = -1 + .2 - .3 + 0 - .5 + .3 - 1.05 + 8
-    assert alpha.grad.item() == pytest.approx(5.65, abs=1e-5)
+    assert alpha.grad.item() == pytest.approx(5.65, abs=1e-5)   # 8 float32 terms <= 8: ~10 ulp of 8 (1e-6)
     assert w_hat.detach()[0].item() == -3.0                 # no in-place division of the input
 
 
@@ -83,12 +97,14 @@ def test_weight_normalisation_has_no_gradient_through_statistics():
     mean, std = w.detach().mean(), w.detach().std()        # unbiased std over the whole tensor
     x = ((w.detach() - mean) / std / 3.0).clamp(-1, 1)
     expect = nearest_level_argmin(x.abs(), build_power_value(3)) * x.sign() * 3.0
+    # same float32 ops as the quantizer on the same values (w - mean is w.add(-mean), same mean/std reductions),
+    # so the same levels on any CPU; atol/rtol only absorb the final multiplications' ordering
     assert torch.allclose(out.detach(), expect, atol=1e-6)
     levels = set(torch.round(out.detach().abs() / 3.0 * 10).unique().tolist())   # {0, .1, .2, .3, .4, .6, .8, 1}
     assert levels <= {0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0}
     g = torch.randn_like(out)
     out.backward(g)
-    assert torch.allclose(w.grad, g / std, rtol=1e-5)       # 1/std only: the statistics are constants
+    assert torch.allclose(w.grad, g / std, rtol=1e-5)       # 1/std only: the statistics are constants (~1 ulp)
 
 
 def test_two_bit_weights_are_uniform_ternary():
@@ -99,6 +115,7 @@ def test_two_bit_weights_are_uniform_ternary():
     out = q_fn(x, torch.tensor(0.7))
     a = 0.7
     # |x|/α = [2.14→1, .857, .571, .7, .714, .729, 2.86→1]: round half to even as the original's torch.round
+    # (every value >= 0.07 from 0.5, so the codes are exact; the values are fl32(0.7) times ±1)
     assert torch.allclose(out, torch.tensor([-a, -a, -a, a, a, a, a]))
     out = q_fn(x, torch.tensor(1.0))
     assert torch.equal(out, torch.tensor([-1.0, -1.0, -0.0, 0.0, 0.0, 1.0, 1.0]))  # 0.5 rounds to 0
@@ -109,6 +126,8 @@ def test_uniform_versus_power_levels():
     alpha = torch.tensor(1.0)
     power = weight_quantization(3, build_power_value(3), power=True)(x, alpha)        # 4-bit APoT
     uniform = weight_quantization(3, power=False)(x, alpha)                            # 4-bit uniform
+    # each x is >= 0.01 (uniform: |x|·7 >= 0.01 from a rounding point) from a decision boundary: exact codes;
+    # allclose's default rtol 1e-5 only covers the float32 level values (0.1 = fl32(0.1), 4/7 ...)
     assert torch.allclose(power, torch.tensor([0.1, 0.6, 0.8, 1.0, -0.6]))
     assert torch.allclose(uniform, torch.tensor([0.0, 4 / 7, 5 / 7, 1.0, -4 / 7]))    # round(|x|·7)/7
     conv_p, conv_u = QuantConv2d(2, 2, 1, bit=4), QuantConv2d(2, 2, 1, bit=4, power=False)
@@ -124,12 +143,13 @@ def test_activation_quantizer_forward_and_backward():
     alpha = torch.tensor(2.0, requires_grad=True)
     out = q_fn(a, alpha)
     # x = a/α = [-.5, 0, .15, .4, .55, .95, 1, 1.5]; upper clip only, nearest level, ×α
+    # exact: every x is >= 0.025 from a midpoint, and level × α is a dyadic fraction
     assert torch.equal(out.detach(), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0]))
     g = torch.arange(1.0, 9.0)
     (out * g).sum().backward()
     assert torch.equal(a.grad, torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 0]))   # no lower clamp: x<0 passes g
     # Σ g·(1[x>1] + (q−x)·1[x≤1]) = .5 + 0 + .3 + .4 - .25 + .3 + 0 + 8
-    assert alpha.grad.item() == pytest.approx(9.25, abs=1e-5)
+    assert alpha.grad.item() == pytest.approx(9.25, abs=1e-5)   # 8 float32 terms <= 8: ~10 ulp of 8 (1e-6)
     uniform = act_quantization(2, power=False)(a.detach(), alpha.detach())
     # round(x·3)/3·α with no lower clamp: -0.5 -> -2/3
     assert torch.allclose(uniform, 2 * torch.tensor([-2 / 3, 0, 0, 1 / 3, 2 / 3, 1, 1, 1]))
@@ -139,6 +159,7 @@ def test_first_and_last_layer_signed_max_8bit():
     w = torch.tensor([[0.5, -0.9, 0.2, 0.3]], requires_grad=True)
     wq = signed_max_8bit(w)
     codes = torch.tensor([[127.0, -229.0, 51.0, 76.0]])      # round(w/max(w)·127); max is signed, no clamp
+    # codes are >= 0.1 from a rounding point (exact); the values differ by the STE's (q - w) + w, ~1 ulp
     assert torch.allclose(wq, codes / 127 * 0.5, atol=1e-7)
     fc = last_fc(4, 1)
     with torch.no_grad():
@@ -146,6 +167,7 @@ def test_first_and_last_layer_signed_max_8bit():
         fc.bias.fill_(0.25)
     x = torch.randn(3, 4)
     y = fc(x)
+    # F.linear (addmm) vs matmul + add: different BLAS calls, a few ulp of |y| < 5; rtol 1e-5 + atol 1e-6
     assert torch.allclose(y, x @ (codes / 127 * 0.5).t() + 0.25, atol=1e-6)
     y.sum().backward()
     assert torch.allclose(fc.weight.grad, x.sum(0, keepdim=True))   # straight-through
@@ -155,6 +177,7 @@ def test_first_and_last_layer_signed_max_8bit():
     x = torch.randn(1, 3, 2, 2)
     expect = torch.round(conv.weight.detach() / 0.4 * 127) / 127 * 0.4
     assert torch.round(conv.weight.detach() / 0.4 * 127).min().item() == -254
+    # the STE's (q - w) + w can move a weight by an ulp: a 3-input 1x1 conv then moves by a few ulp of |y| < 5
     assert torch.allclose(conv(x), F.conv2d(x, expect), atol=1e-6)
 
 
@@ -228,6 +251,8 @@ def check_against_reference(bit, n):
     with torch.no_grad():
         ours = torch.cat([model(x[i:i + 100]) for i in range(0, n, 100)])
         ref = torch.cat([reference_forward(sd, x[i:i + 100], bit) for i in range(0, n, 100)])
+    # exact on any CPU: both forwards run the same ops in the same order on the same values, in this process
+    # (held with the AVX2 and AVX-512 paths, 1 and 2 threads); only the golden accuracy has a tolerance
     assert torch.equal(ours.argmax(1), ref.argmax(1))
     assert torch.equal(ours, ref)          # same ops in the same order: bit-identical logits
     return (ours.argmax(1) == y).float().mean().item() * 100
@@ -238,7 +263,7 @@ def test_published_fp32_accuracy_and_reference_forward():
     model = published_model(32)
     with torch.no_grad():
         pred = torch.cat([model(x[i:i + 100]).argmax(1) for i in range(0, 1000, 100)])
-    assert (pred == y).float().mean().item() * 100 == pytest.approx(GOLDEN_TOP1[32], abs=0.15)
+    assert (pred == y).float().mean().item() * 100 == pytest.approx(GOLDEN_TOP1[32], abs=golden_tol(32))
     check_against_reference(4, 100)
 
 
@@ -249,7 +274,7 @@ def test_published_4bit_accuracy_via_main(tmp_path):
                    cwd=CIFAR_DIR)
     assert r.returncode == 0, r.stderr
     prec = float(re.search(r"\* Prec ([\d.]+)%", r.stdout).group(1))
-    assert prec == pytest.approx(GOLDEN_TOP1[4], abs=0.15)
+    assert prec == pytest.approx(GOLDEN_TOP1[4], abs=golden_tol(4))
     assert r.stdout.count("clipping threshold weight alpha") == 20   # 18 block convs + 2 downsample convs
     recs = [json.loads(line) for line in open(os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl"))]
     assert len(recs) == 1
@@ -262,7 +287,7 @@ def test_published_4bit_accuracy_via_main(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("bit", [32, 4, 3, 2])
 def test_published_accuracy_matches_reference_on_all_shared_images(bit):
-    assert check_against_reference(bit, 1000) == pytest.approx(GOLDEN_TOP1[bit], abs=0.15)
+    assert check_against_reference(bit, 1000) == pytest.approx(GOLDEN_TOP1[bit], abs=golden_tol(bit))
 
 
 # ----------------------------------------------------------------------------- the script
@@ -340,20 +365,24 @@ def test_init_with_a_foreign_checkpoint_is_rejected(tmp_path, keep_cuda_env):
 
 
 def test_training_on_real_cifar_lowers_the_loss():
-    """main.train on 128 real CIFAR-10 training images, 4-bit from scratch: 5 epochs of 4 iterations."""
+    """main.train on 32 real CIFAR-10 training images, 4-bit from scratch: 20 epochs of 1 iteration (fitting one
+    batch). The loss must fall by far more than CPU-dependent noise: the trajectory depends on the CPU's
+    MKL/oneDNN/ATen paths (the former 128-image, 5-epoch version fell by 0.25 on AVX-512 and 0.36 on AVX2
+    against a 0.15 threshold); fitting one batch takes it from 2.6 to 0.05 on AVX-512 and 0.08 on AVX2."""
     import torchvision.transforms as T
     from common.data import cifar10
     from common.device import seed_everything
     main = load_main()
     seed_everything(0)
     ds = cifar10(require_shared("data", "cifar10"), train=True, transform=T.Compose([T.ToTensor(), T.Normalize(*NORMALIZE)]))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(128)), batch_size=32, shuffle=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(32)), batch_size=32, shuffle=True)
     model = main.build_model(main.parser.parse_args(["--bit", "4"]))
     optimizer = torch.optim.SGD(main.param_groups(model), lr=0.1, momentum=0.9, weight_decay=1e-4)
     alpha0 = model.layer1[0].conv1.act_alpha.item()
     losses = [main.train(loader, model, torch.nn.CrossEntropyLoss(), optimizer, ep, torch.device("cpu"))[0]
-              for ep in range(5)]
-    assert losses[-1] < losses[0] - 0.15, losses   # seed 0: 2.42 -> 1.88 (seeds 1, 2: -0.59, -0.18)
+              for ep in range(20)]
+    # last 3 epochs' mean / first: 0.03 (AVX-512), 0.05 (AVX2); seed 1: 0.19; a net that does not learn: ~1
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     assert model.layer1[0].conv1.act_alpha.item() != alpha0          # the clipping parameters learn
 
 
@@ -388,6 +417,8 @@ def test_resume_continues_exactly(tmp_path):
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pth.tar")
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.pth.tar")
     assert a["epoch"] == b["epoch"] == 2
+    # exact on CPU: both runs are the same script on the same machine with the same thread count (inherited
+    # environment), so every op takes the same path; what a GPU can promise is decided in the script's --seed mode
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     for i, st in a["optimizer"]["state"].items():

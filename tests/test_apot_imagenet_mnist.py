@@ -1,4 +1,5 @@
 """APoT new-generation quantizers (ImageNet/MNIST), models, scripts and published MNIST checkpoints."""
+import glob
 import importlib.util
 import os
 import re
@@ -29,6 +30,14 @@ def nearest64(x, levels):
     return min(levels, key=lambda v: abs(x - v))
 
 
+def sum_tol(terms):
+    """Tolerance for a float32 sum of terms checked against float64: each term is rounded to ~eps32 of its
+    magnitude and the reduction (its order depends on the CPU's vector width and threads) adds a few eps32 of
+    sum|terms|; 8 eps32 * sum|terms| bounds both. The seeds' inputs keep every x >= 1e-4 away from a level
+    midpoint and a clip boundary, so q itself is the same in float32 and float64."""
+    return 8 * torch.finfo(torch.float32).eps * terms.abs().sum().item()
+
+
 # ----------------------------------------------------------------------------------------------------
 # quantizers: forward and backward against hand-derived formulas
 
@@ -46,12 +55,14 @@ def test_apot_weight_forward_backward():
     inside = x.abs() <= 1
     xc = x.clamp(-1, 1)
     q = torch.tensor([nearest64(abs(v), lv) for v in xc.tolist()], dtype=torch.float64) * xc.sign()
+    # x is the same float32 t/1.5 here and in the quantizer and lies >= 1.2e-4 from every midpoint, so q is the
+    # same level on any CPU; the output differs only by the STE's float32 rounding (a few ulp of |q*alpha| <= 1.5)
     assert torch.allclose(out.detach().double(), q * 1.5, atol=1e-6)
     # d/dt: straight-through inside the clipping range, 0 outside
     assert torch.allclose(t.grad, g * inside.float(), atol=1e-6)
     # d/dalpha = sum g * (q - x) inside, g * sign(x) outside
     want = (g.double() * torch.where(inside, q - x, x.sign())).sum()
-    assert abs(alpha.grad.item() - want.item()) < 1e-4
+    assert abs(alpha.grad.item() - want.item()) < sum_tol(g.double() * (x.abs() + 1))     # ~6e-4; measured 7e-7
     assert (~inside).sum() > 20 and inside.sum() > 200           # both branches exercised
 
 
@@ -65,12 +76,13 @@ def test_apot_activation_forward_backward():
     lv = levels64(4)
     x = (a.detach() / 3.0).double()
     q = torch.tensor([nearest64(v, lv) for v in x.clamp(0, 1).tolist()], dtype=torch.float64)
+    # every x is >= 2.4e-4 from a midpoint and >= 8.8e-4 from 0 and 1: the same level and mask on any CPU
     assert torch.allclose(out.detach().double(), q * 3.0, atol=1e-6)
     inside, above = (x >= 0) & (x <= 1), x > 1
     assert torch.allclose(a.grad, g * inside.float(), atol=1e-6)
     # d/dalpha = q - x inside, 1 above, 0 below
     want = (g.double() * torch.where(inside, q - x, above.double())).sum()
-    assert abs(alpha.grad.item() - want.item()) < 1e-4
+    assert abs(alpha.grad.item() - want.item()) < sum_tol(g.double() * (x.abs() + 1))     # ~8e-4; measured 4e-7
     assert above.sum() > 20 and (x < 0).sum() > 20
 
 
@@ -87,18 +99,21 @@ def test_calibrated_ternary_gradient():
     assert set(q.tolist()) == {-1.0, 0.0, 1.0}
     assert torch.equal(t.grad, g)                                # calibrated: never clipped, not divided by alpha
     want = (g.double() * torch.where(x.abs() > 1, x.sign(), q - x)).sum()
-    assert abs(alpha.grad.item() - want.item()) < 1e-4
+    tol = sum_tol(g.double() * (x.abs() + 1))                     # |x| is >= 0.01 from the rounding point 0.5
+    assert abs(alpha.grad.item() - want.item()) < tol
     # grad_scale multiplies only d/dalpha; the correctly spelt alias is the same function
     alpha2 = torch.tensor(0.8, requires_grad=True)
     (ql.uq_with_calibrated_gradients(0.25)(t.detach(), alpha2) * g).sum().backward()
-    assert abs(alpha2.grad.item() - 0.25 * want.item()) < 1e-4
+    assert abs(alpha2.grad.item() - 0.25 * want.item()) < 0.25 * tol
 
 
 def test_gradient_scale_and_uniform():
     a = torch.tensor(2.0, requires_grad=True)
     y = ql.gradient_scale(a, 0.1)
     y.backward()
-    assert y.item() == 2.0 and abs(a.grad.item() - 0.1) < 1e-7
+    assert y.item() == 2.0 and abs(a.grad.item() - 0.1) < 1e-7     # fl32(0.1) is 1.5e-9 off 0.1
+    # x * 7 stays >= 0.15 from a rounding point, so the codes are exact; the STE's (round - d) + d costs an
+    # ulp or two, inside allclose's default rtol 1e-5
     t = torch.tensor([-2.0, -0.7, -0.05, 0.0, 0.3, 0.55, 1.2]) * 2
     w = ql.uniform_quantization(t, torch.tensor(2.0), 4, is_weight=True)       # 7 steps per sign
     x = (t / 2).clamp(-1, 1)
@@ -108,6 +123,8 @@ def test_gradient_scale_and_uniform():
 
 
 def test_first_last_layer_signed_max_8bit():
+    # every code w/max*127 is >= 0.2 from a rounding point (exact codes on any CPU); the values carry only the
+    # STE's ulp-level rounding, inside allclose's default rtol 1e-5
     conv = ql.first_conv(1, 2, kernel_size=1)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([1.0, -1.1]).view(2, 1, 1, 1))    # min below -max: code -140, no clamp
@@ -136,6 +153,9 @@ def test_quantconv_weight_normalisation_gradient_flows_through_statistics():
     w_hat = (w - w.mean()) / sigma
     c = g.double() * ((w_hat / 3.0).abs() <= 1).double()               # STE mask of the clamp
     want = (c - c.mean()) / sigma - w_hat * (c * w_hat).sum() / ((n - 1) * sigma)
+    # float32 autograd through mean/std (108 weights, grads ~|g|/sigma ~ 10) vs float64: a few eps32 of the
+    # magnitudes, whatever the reduction order; rtol 1e-5 (~80 eps) + atol 1e-5 bound it. The clip mask is the
+    # same in both (max |w_hat| / 3 = 0.63 for this seed)
     assert torch.allclose(conv.weight.grad.double(), want, atol=1e-5)
     assert not torch.allclose(conv.weight.grad.double(), c / sigma, atol=1e-3)   # unlike the CIFAR generation
 
@@ -154,6 +174,8 @@ def test_quantconv_forward_is_conv_of_quantized_operands():
             wq = ql.uniform_quantization(w_hat, conv.weight_alpha, bit)
         xq = (ql.apot_quantization(x, conv.act_alpha, ql.build_power_value(bit), is_weight=False) if power
               else ql.uniform_quantization(x, conv.act_alpha, bit, is_weight=False))
+        # the same operands (same normalisation ops; LevelProjector and nearest_level pick the same levels) and
+        # the same conv: equal up to an ulp-level operand difference; a wrong level moves an output by >= 0.01
         assert torch.allclose(conv(x), F.conv2d(xq, wq, padding=1), atol=1e-5), (bit, power)
     full = ql.QuantConv2d(3, 4, 3, bit=32)
     assert torch.equal(full(x), F.conv2d(x, full.weight))
@@ -226,6 +248,10 @@ def test_published_mnist_checkpoints_load_strictly(name):
 # Golden values measured with this code: `python main.py -a resnet10 --bit 4 [--power 0] -e --resume
 # <shared>/checkpoints/apot/mnist/resnet10_4bit[_uniform]/model_best.pth.tar --data <shared>/data`
 # on CPU (torch 2.14.1), full MNIST test split (10,000 images).
+# Another CPU changes logits' low bits (AVX2 vs AVX-512 MKL/oneDNN/ATen paths: up to 2e-6 here, and a
+# quantized activation near a level midpoint can flip); the tests allow +-2 images (0.02 points) for a
+# near-tie prediction to flip. Measured: the same 9877 / 9873 correct on AVX-512 and on the AVX2 paths
+# (MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2), 1 and 2 threads.
 MNIST_TEST_TOP1 = {"resnet10_4bit": 98.77, "resnet10_4bit_uniform": 98.73}
 
 
@@ -259,7 +285,7 @@ def test_published_mnist_checkpoint_test_accuracy(name, tmp_path):
 def test_published_mnist_checkpoint_train_split_reproduces_best_acc1():
     """The original validated on the training split: its stored best_acc1 must come back (faithful predictions)."""
     acc, _ = _evaluate("resnet10_4bit", "train")
-    assert abs(acc - 99.6367) <= 0.02
+    assert abs(acc - 99.6367) <= 0.02                  # +-12 of 60,000 images: near-tie flips on another CPU
 
 
 def test_evaluate_missing_checkpoint_is_one_line_exit_2(tmp_path):
@@ -298,6 +324,8 @@ def test_mnist_short_training_run_loss_falls():
     finally:
         torch.set_num_threads(threads)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    # the trajectory differs between CPUs (1.90 -> 0.286 on AVX-512, 1.93 -> 0.295 with the AVX2 paths forced):
+    # last/first = 0.15 on both, far below 0.5
     assert len(losses) == 60 and last < 0.5 * first, (first, last)
 
 
@@ -395,7 +423,8 @@ def test_imagenet_end_to_end_progressive_and_resume(tiny_imagenet, monkeypatch, 
     out = capsys.readouterr().out
     assert "Epoch: [1][0/1]" in out and "Epoch: [0]" not in out
     assert torch.load(root / "checkpoint" / "res18_4checkpoint.pth.tar", weights_only=True)["epoch"] == 2
-    tags = _tb_tags(root / "runs" / "resnet18_4bit" / "tb")
+    (run4,) = glob.glob(os.path.join(os.environ["QUANTLAB_RUNS"], "apot", "imagenet-res18_4-*"))
+    tags = _tb_tags(os.path.join(run4, "tb"))
     assert {"loss_train", "acc1_train", "acc5_train", "lr", "loss_val", "acc1_val", "acc5_val"} <= tags
     # -e on the produced checkpoint writes an imagenet record
     _in_process(main, "-a resnet18 --bit 4 -e --resume checkpoint/res18_4best.pth.tar".split() + small, root,

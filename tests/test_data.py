@@ -336,6 +336,9 @@ def save_image(path, color, size=(20, 16)):
 
 
 def color_of(img):
+    """Mean RGB of a decoded image. The tests' flat-colour JPEGs (quality 100) decode to within 1-2 levels of
+    the saved colour (YCbCr rounding; the decoder's integer IDCT and colour conversion may differ between
+    libjpeg builds and their SIMD paths), hence atol 2-3, below the >= 8-level steps between classes' colours."""
     return pixels(img).reshape(-1, 3).mean(0)
 
 

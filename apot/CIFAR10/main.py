@@ -16,14 +16,17 @@ import torch.nn as nn
 import torchvision.transforms as transforms
 
 from apot.CIFAR10.models import MODELS, QuantConv2d
+from common import interrupt, runs
+from common.checks import check_sgd_flags, check_results_writable, check_writable_dir
 from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
                                save_checkpoint, strip_module_prefix, training_state)
 from common.data import cifar10
+from common.devdata import DeviceSums
 from common.device import get_device, seed_everything
 from common.errors import UserError, run_main
+from common.identity import check_checkpoint, expect, identity
 from common.meters import AverageMeter, accuracy, progress
-from common.results import record
-from common.runlog import RunLog
+from common.results import combine_recipes, recipe_info, record
 
 BITS = (2, 3, 4, 5, 32)
 MILESTONES = [150, 225]            # ×0.1 for every parameter group (the original's adjust_learning_rate)
@@ -54,7 +57,32 @@ parser.add_argument('--data', default='./data', metavar='DIR',
                     help='CIFAR-10 root: cifar-10-batches-py/ or train/<class>/*.png + test/<class>/*.png')
 parser.add_argument('--seed', default=None, type=int, help='random seed (default: drawn at random and logged)')
 parser.add_argument('-j', '--workers', default=2, type=int, metavar='N', help='data loading workers (default: 2)')
-parser.add_argument('--save-dir', default='', metavar='DIR', help='output directory (default: result/<arch>_<bit>bit)')
+parser.add_argument('--loader', default='device', choices=('device', 'torchvision'),
+                    help='device: uint8 CIFAR-10 on the training device, crop/flip/normalise per batch there '
+                         '(common/devdata.py, same distribution); torchvision: the original per-image '
+                         'DataLoader pipeline (default: device)')
+parser.add_argument('--compile', action='store_true', help='train and test through torch.compile(model)')
+parser.add_argument('--save-dir', default='', metavar='DIR',
+                    help='run directory (default: runs/apot/cifar10-<arch>_<bit>bit-<time>/, linked from '
+                         'result/<arch>_<bit>bit when the run finishes)')
+parser.add_argument('--name', default='', help='run name under runs/apot/ (default: flags + time stamp)')
+parser.add_argument('--overwrite', action='store_true', help='replace the run already in --save-dir/--name')
+PUBLISHED_EPOCHS = 300             # the original train_res20.sh: 300 epochs per stage
+
+
+def check_args(args):
+    """Every range and output directory, before any data is read (one line, exit 2)."""
+    if args.arch not in MODELS:
+        raise UserError(f"unknown architecture '{args.arch}'; choose one of {', '.join(MODELS)}")
+    if args.bit not in BITS:
+        raise UserError(f"--bit {args.bit} is not supported; use 2, 3, 4, 5 or 32 (full precision)")
+    check_sgd_flags(args, wd_flag='--weight-decay')
+    check_results_writable()
+
+
+def expected(args):
+    """What the flags ask a checkpoint to be."""
+    return expect('apot', MODELS[args.arch][1], bits=args.bit, scheme='fp32' if args.bit == 32 else 'apot')
 
 
 def build_model(args):
@@ -96,7 +124,21 @@ def load_init(model, path):
     return missing
 
 
+def device_loaders(args, device):
+    """--loader device: the same batches as data_loaders() (crop 4 px padding, flip, normalise) made on `device`."""
+    from common.devdata import DeviceLoader
+    mean, std = [0.491, 0.482, 0.447], [0.247, 0.243, 0.262]
+    testloader = DeviceLoader(cifar10(args.data, train=False), 100, device, mean, std)
+    if args.evaluate:
+        return None, testloader
+    trainloader = DeviceLoader(cifar10(args.data, train=True), args.batch_size, device, mean, std, shuffle=True,
+                               crop_pad=4, flip=True)
+    return trainloader, testloader
+
+
 def data_loaders(args, device):
+    if getattr(args, 'loader', 'torchvision') == 'device':
+        return device_loaders(args, device)
     normalize = transforms.Normalize(mean=[0.491, 0.482, 0.447], std=[0.247, 0.243, 0.262])
     pin = device.type == 'cuda'
     test_dataset = cifar10(args.data, train=False, transform=transforms.Compose([transforms.ToTensor(), normalize]))
@@ -115,24 +157,30 @@ def data_loaders(args, device):
     return trainloader, testloader
 
 
-def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=100, log=None):
-    """One epoch of SGD; returns (average loss, average top-1, list of per-iteration losses)."""
+def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=100, log=None, skip=0,
+          on_interrupt=None, eta=None):
+    """One epoch of SGD; returns (average loss, average top-1, list of per-iteration losses).
+
+    skip: batches of this epoch already done (resume of an interrupted epoch); on_interrupt(i): after batch i,
+    when SIGINT/SIGTERM arrived, save a resumable checkpoint and stop (common.interrupt)."""
     batch_time, data_time = AverageMeter('Time', ':.3f'), AverageMeter('Data', ':.3f')
     losses, top1 = AverageMeter('Loss', ':.4f'), AverageMeter('Prec', ':.3f')
     history = []
+    sums = DeviceSums(device, 'loss', 'prec')
     model.train()
     end = time.time()
     bar = progress(trainloader, desc=f'epoch {epoch}', total=len(trainloader))
     for i, (input, target) in enumerate(bar):
+        if i < skip:
+            continue
         data_time.update(time.time() - end)
         input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
 
         output = model(input)
         loss = criterion(output, target)
         prec = accuracy(output, target)[0]
-        losses.update(loss.item(), input.size(0))
-        top1.update(prec.item(), input.size(0))
-        history.append(loss.item())
+        sums.add(input.size(0), loss=loss, prec=prec)     # on the device: no host sync per step
+        history.append(loss.detach())
 
         optimizer.zero_grad()
         loss.backward()
@@ -140,15 +188,23 @@ def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=10
 
         batch_time.update(time.time() - end)
         end = time.time()
-        bar.set_postfix(loss=f'{losses.avg:.4f}', prec=f'{top1.avg:.2f}')
+        if i % print_freq == 0:
+            sums.read({'loss': losses, 'prec': top1})
+            bar.set_postfix(loss=f'{losses.avg:.4f}', prec=f'{top1.avg:.2f}')
         if log is not None and i % print_freq == 0:
             log.info(f'Epoch: [{epoch}][{i}/{len(trainloader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}')
-    return losses.avg, top1.avg, history
+        if eta is not None:
+            eta.batch(i, skip)
+        if on_interrupt is not None and interrupt.requested():
+            on_interrupt(i)
+    sums.read({'loss': losses, 'prec': top1})
+    return losses.avg, top1.avg, torch.stack(history).tolist() if history else []
 
 
 def validate(val_loader, model, criterion, device, print_freq=100, log=print):
     """Top-1 (percent) and loss on the test set."""
     batch_time, losses, top1 = AverageMeter('Time', ':.3f'), AverageMeter('Loss', ':.4f'), AverageMeter('Prec', ':.3f')
+    sums = DeviceSums(device, 'loss', 'prec')
     model.eval()
     end = time.time()
     with torch.no_grad():
@@ -157,21 +213,22 @@ def validate(val_loader, model, criterion, device, print_freq=100, log=print):
             output = model(input)
             loss = criterion(output, target)
             prec = accuracy(output, target)[0]
-            losses.update(loss.item(), input.size(0))
-            top1.update(prec.item(), input.size(0))
+            sums.add(input.size(0), loss=loss, prec=prec)
             batch_time.update(time.time() - end)
             end = time.time()
             if i % print_freq == 0:
+                sums.read({'loss': losses, 'prec': top1})
                 log(f'Test: [{i}/{len(val_loader)}]\t{batch_time}\t{losses}\t{top1}')
+    sums.read({'loss': losses, 'prec': top1})
     log(f' * Prec {top1.avg:.3f}% ')
     return top1.avg, losses.avg
 
 
-def record_result(args, prec, n_samples, extra):
+def record_result(args, prec, n_samples, extra, recipe=None, seed=None, wall_s=None):
     _, model_name = MODELS[args.arch]
     return record('apot', model=model_name, dataset='cifar10', split='test',
                   setting='FP32' if args.bit == 32 else f'W{args.bit}A{args.bit}', metric='top1', value=prec,
-                  n_samples=n_samples, extra=extra)
+                  n_samples=n_samples, extra=extra, recipe=recipe, seed=seed, wall_s=wall_s)
 
 
 def main(argv=None):
@@ -182,12 +239,24 @@ def main(argv=None):
         os.environ['CUDA_VISIBLE_DEVICES'] = args.device or '0'     # as the original (-id 0,1)
     if args.evaluate and not (args.resume or args.init):
         raise UserError("-e needs a model to evaluate: pass --resume PATH (or --init PATH)")
-    seed = seed_everything(args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little'))
+    check_args(args)
+    fdir = None
+    if not args.evaluate:                        # decided and checked before any work; never another run's
+        fdir = runs.plan_run_dir('apot', (f'cifar10-{args.arch}_{args.bit}bit',), name=args.name,
+                                 save_dir=args.save_dir, resume=args.resume, overwrite=args.overwrite)
+    elif args.save_dir:
+        check_writable_dir(args.save_dir, '--save-dir')
+    # --seed: deterministic mode (a resumed run repeats the uninterrupted one exactly, on CUDA too)
+    seed = seed_everything(args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little'),
+                           deterministic=args.seed is not None)
     model = build_model(args)
     device = get_device()
-    fdir = args.save_dir or os.path.join('result', f'{args.arch}_{args.bit}bit')
 
+    init_recipe, ckpt_note = None, None
     if args.init:
+        init_ident, ckpt_note = check_checkpoint(load_checkpoint(args.init, what='--init model', flag='--init'),
+                                                 args.init, expected(args), flag='--init', fields=('paper', 'model'))
+        init_recipe = (init_ident or {}).get('recipe')
         missing = load_init(model, args.init)
         print(f"=> initialised from {args.init}" + (f" ({len(missing)} clipping parameters keep their defaults)"
                                                      if missing else ""))
@@ -197,65 +266,105 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, MILESTONES, gamma=0.1)
     scheduler.last_epoch = args.start_epoch      # like the original: milestones before --start-epoch never fire
-    best_prec, start_epoch = 0.0, args.start_epoch
+    best_prec, start_epoch, skip = 0.0, args.start_epoch, 0
 
+    eval_recipe = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, what='checkpoint', flag='--resume')
+        ident, ckpt_note = check_checkpoint(ckpt, args.resume, expected(args), flag='--resume',
+                                            suggest=lambda i: f"--bit {i['bits']}" if 'bits' in i else '')
+        eval_recipe = (ident or {}).get('recipe')
+        init_recipe = (ident or {}).get('init_recipe', init_recipe)
         if args.evaluate:
             load_model_state(model, extract_state_dict(ckpt), strict=True, what=f'checkpoint {args.resume}')
         else:
             start_epoch, best = restore_training_state(ckpt, model, optimizer, scheduler)
             best_prec = float(best if best is not None else ckpt.get('best_prec', 0.0))
+            skip = int(ckpt.get('batch', 0))         # an epoch interrupted after `batch` batches
             if 'scheduler' not in ckpt:              # a checkpoint of the original main.py
                 scheduler.last_epoch = start_epoch
-            print(f"=> resumed {args.resume} at epoch {start_epoch} (best {best_prec:.3f})")
+            print(f"=> resumed {args.resume} at epoch {start_epoch}" + (f" batch {skip}" if skip else "")
+                  + f" (best {best_prec:.3f})")
+    elif args.evaluate and args.init:
+        eval_recipe = init_recipe
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.seed is None      # autotuning picks kernels run by run
         if torch.cuda.device_count() > 1:
             model = nn.DataParallel(model)
     net = model.module if isinstance(model, nn.DataParallel) else model
+    fwd = torch.compile(model) if args.compile else model      # checkpoints keep net's own keys
 
     trainloader, testloader = data_loaders(args, device)
     n_test = len(testloader.dataset)
     print(f"=> CIFAR-10 test set: {getattr(testloader.dataset, 'size_note', n_test)}")
 
     if args.evaluate:
+        print(f"=> device {device}, seed {seed}")
+        t0 = time.time()
         prec, _ = validate(testloader, model, criterion, device, args.print_freq)
+        wall = time.time() - t0
         net.show_params()
         ckpt_path = args.resume or args.init
-        record_result(args, prec, n_test, {'checkpoint': os.path.abspath(ckpt_path), 'mode': 'evaluate'})
+        extra = {'checkpoint': os.path.abspath(ckpt_path), 'mode': 'evaluate'}
+        if ckpt_note:
+            extra['checkpoint_note'] = ckpt_note
+        record_result(args, prec, n_test, extra, recipe=eval_recipe, seed=seed, wall_s=wall)
         return prec
 
-    log = RunLog(fdir, args, seed=seed, device=device)
-    log.info(f"=> {args.arch} {args.bit}-bit, {len(trainloader.dataset)} train / {n_test} test images, "
+    n_train = len(trainloader.dataset)
+    recipe = combine_recipes(recipe_info({'epochs': (args.epochs, PUBLISHED_EPOCHS), 'train images': (n_train, 50000)}),
+                             *([init_recipe] if args.init or init_recipe else []))
+    ident = identity('apot', MODELS[args.arch][1], bits=args.bit, scheme=expected(args)['scheme'], stage='train',
+                     recipe=recipe, run_dir=os.path.abspath(fdir), init_recipe=init_recipe)
+    run = runs.start_run('apot', fdir, args, seed=seed, device=device, recipe=recipe, overwrite=args.overwrite)
+    log = run.log
+    log.info(f"=> {args.arch} {args.bit}-bit, {n_train} train / {n_test} test images, "
              f"epochs {start_epoch}..{args.epochs}, output {fdir}")
-    prec = None
-    for epoch in range(start_epoch, args.epochs):
-        if epoch % 10 == 1:
-            net.show_params()
-        loss, train_prec, _ = train(trainloader, model, criterion, optimizer, epoch, device, args.print_freq, log)
-        prec, test_loss = validate(testloader, model, criterion, device, args.print_freq, log.info)
-        scheduler.step()
-        log.scalar('test_acc', prec, epoch)
-        log.scalar('test_loss', test_loss, epoch)
-        log.scalar('train_loss', loss, epoch)
-        log.scalar('train_acc', train_prec, epoch)
-        log.scalar('lr', optimizer.param_groups[0]['lr'], epoch)
+    eta = runs.ETA(args.epochs, start_epoch, len(trainloader), say=log.info)
 
-        is_best = prec > best_prec
-        best_prec = max(prec, best_prec)
-        log.info(f'best acc: {best_prec:1f}')
-        state = training_state(net, optimizer, scheduler, epoch=epoch + 1, best=best_prec, best_prec=best_prec,
-                               arch=args.arch, bit=args.bit)
-        save_checkpoint(state, os.path.join(fdir, 'checkpoint.pth.tar'))
-        if is_best:
-            save_checkpoint(state, os.path.join(fdir, 'model_best.pth.tar'))
+    def state_at(epoch, **extra):
+        return training_state(net, optimizer, scheduler, epoch=epoch, best=best_prec, best_prec=best_prec,
+                              arch=args.arch, bit=args.bit, quantlab=ident, **extra)
+
+    def on_interrupt(i):                          # SIGINT/SIGTERM: save at this batch, atomically, then stop
+        state = state_at(epoch, batch=i + 1, interrupted=True)
+        interrupt.save_and_stop(os.path.join(fdir, 'checkpoint.pth.tar'), state, log, f"epoch {epoch} batch {i + 1}")
+
+    prec = None
+    with interrupt.armed():
+        for epoch in range(start_epoch, args.epochs):
+            if epoch % 10 == 1:
+                net.show_params()
+            loss, train_prec, _ = train(trainloader, fwd, criterion, optimizer, epoch, device, args.print_freq,
+                                        log, skip=skip if epoch == start_epoch else 0, on_interrupt=on_interrupt,
+                                        eta=eta)
+            prec, test_loss = validate(testloader, fwd, criterion, device, args.print_freq, log.info)
+            scheduler.step()
+            log.scalar('test_acc', prec, epoch)
+            log.scalar('test_loss', test_loss, epoch)
+            log.scalar('train_loss', loss, epoch)
+            log.scalar('train_acc', train_prec, epoch)
+            log.scalar('lr', optimizer.param_groups[0]['lr'], epoch)
+            log.flush()
+
+            is_best = prec > best_prec
+            best_prec = max(prec, best_prec)
+            log.info(f'best acc: {best_prec:1f}')
+            log.info(f'=> epoch {epoch + 1}/{args.epochs}: test {prec:.3f} best {best_prec:.3f}; '
+                     f'{eta.line(epoch + 1)}')
+            state = state_at(epoch + 1)
+            save_checkpoint(state, os.path.join(fdir, 'checkpoint.pth.tar'))
+            if is_best:
+                save_checkpoint(state, os.path.join(fdir, 'model_best.pth.tar'))
     if prec is not None:
         # the original reports the best test accuracy over all epochs (model_best.pth.tar)
+        best_path = os.path.abspath(os.path.join(fdir, 'model_best.pth.tar'))
         record_result(args, best_prec, n_test, {'mode': 'train', 'selection': 'best epoch on the test set',
                                                 'last_epoch_top1': prec, 'epochs': args.epochs,
-                                                'checkpoint': os.path.abspath(os.path.join(fdir, 'model_best.pth.tar'))})
-    log.close()
+                                                'checkpoint': best_path}, recipe=recipe, seed=seed)
+    if not args.save_dir:                         # the original's result/<arch>_<bit>bit -> the finished run
+        runs.link_latest(fdir, os.path.join('result', f'{args.arch}_{args.bit}bit'), say=log.info)
+    runs.end_run()
     return best_prec
 
 

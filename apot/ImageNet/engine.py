@@ -1,14 +1,16 @@
 """Train/validate loops, checkpoint init and torchrun/DDP set-up shared by the APoT ImageNet and MNIST
 scripts (pytorch/examples imagenet style)."""
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
+from common import interrupt
 from common.checkpoint import extract_state_dict, load_checkpoint, load_model_state, restore_training_state
-from common.device import get_device
+from common.devdata import DeviceSums
+from common.device import setup_distributed as _setup_distributed
 from common.errors import UserError
+from common.identity import check_checkpoint, expect
 from common.meters import AverageMeter, accuracy, progress
 
 ALPHA_KEYS = ("act_alpha", "weight_alpha")
@@ -22,20 +24,9 @@ def setting_name(bit, power):
 
 
 def setup_distributed(gpu=None):
-    """(distributed, rank, world_size, device). Distributed when launched by torchrun (WORLD_SIZE > 1):
-    nccl with one GPU per process when CUDA is available, gloo on CPU otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return False, 0, 1, get_device(gpu)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device(f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend=backend)
-    return True, dist.get_rank(), world, device
+    """(distributed, rank, world_size, device): common.device.setup_distributed (nccl with one GPU per
+    process, gloo on CPU when there are more processes than GPUs or none)."""
+    return _setup_distributed(gpu)
 
 
 class Quiet:
@@ -81,6 +72,26 @@ def check_run_matches(ckpt, bit, power, arch=None, flag="--resume"):
         raise UserError(f"{flag} checkpoint is a {ckpt['arch']}; pass -a {ckpt['arch']}")
 
 
+def scheme(bit, power):
+    return "fp32" if bit == 32 else ("apot" if power else "uniform")
+
+
+def check_identity(ckpt, path, args, power, flag="--resume", any_bits=False):
+    """The checkpoint at `path` must be what -a/--bit/--power ask for (its stored identity, or the published
+    table by sha256; common.identity). any_bits: progressive init (--pretrained) only needs paper and model.
+    Returns (identity or None, note for the record)."""
+    fields = ("paper", "model") if any_bits else ("paper", "model", "bits", "scheme")
+    def suggest(ident):
+        out = [f"-a {ident['model']}"] if ident.get("model") not in (None, args.arch) else []
+        if isinstance(ident.get("bits"), int):
+            out.append(f"--bit {ident['bits']}")
+        if ident.get("scheme") in ("apot", "uniform"):
+            out.append(f"--power {int(ident['scheme'] == 'apot')}")
+        return " ".join(out)
+    return check_checkpoint(ckpt, path, expect("apot", args.arch, bits=args.bit, scheme=scheme(args.bit, power)),
+                            flag=flag, fields=fields, suggest=suggest)
+
+
 def make_optimizer(model, args):
     """SGD over every parameter, act_alpha/weight_alpha included, in one group with --lr/--wd (the original
     ImageNet and MNIST mains; their per-alpha groups are commented out), lr x0.1 at epochs 30, 60, 90."""
@@ -102,33 +113,43 @@ def resume(ckpt, model, optimizer, scheduler, args, power):
     return start_epoch, float(best if best is not None else ckpt.get("best_acc1", 0.0))
 
 
-def train(loader, model, criterion, optimizer, epoch, args, log, device, step, main_process=True):
-    """One epoch; logs loss/acc1/acc5/lr every --print-freq iterations. Returns (loss, top1, next step)."""
+def train(loader, model, criterion, optimizer, epoch, args, log, device, step, main_process=True, skip=0,
+          on_interrupt=None, eta=None):
+    """One epoch; logs loss/acc1/acc5/lr every --print-freq iterations. Returns (loss, top1, next step).
+    skip: batches already done (resume of an interrupted epoch); on_interrupt(i, step): called after batch i
+    when SIGINT/SIGTERM arrived (common.interrupt), saves a resumable checkpoint and stops."""
     batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
     losses, top1, top5 = AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
+    sums = DeviceSums(device, "loss", "acc1", "acc5")
     model.train()
     end = time.time()
     for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch}", disable=not main_process or None)):
+        if i < skip:
+            continue
         data_time.update(time.time() - end)
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         output = model(images)
         loss = criterion(output, target)
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        losses.update(loss.item(), images.size(0))
-        top1.update(acc1, images.size(0))
-        top5.update(acc5, images.size(0))
+        sums.add(images.size(0), loss=loss, acc1=acc1, acc5=acc5)     # on the device: no host sync per step
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         batch_time.update(time.time() - end)
         end = time.time()
         if i % args.print_freq == 0:
+            sums.read({"loss": losses, "acc1": top1, "acc5": top5})
             log.info(f"Epoch: [{epoch}][{i}/{len(loader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}\t{top5}")
             log.scalar("loss_train", losses.val, step)
             log.scalar("acc1_train", top1.val, step)
             log.scalar("acc5_train", top5.val, step)
             log.scalar("lr", optimizer.param_groups[0]["lr"], step)
         step += 1
+        if eta is not None:
+            eta.batch(i, skip)
+        if on_interrupt is not None and interrupt.requested():
+            on_interrupt(i, step)
+    sums.read({"loss": losses, "acc1": top1, "acc5": top5})
     return losses.avg, top1.avg, step
 
 

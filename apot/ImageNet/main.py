@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=8 main.py -a resnet18 --bit 4 ...                        # DDP (-b is the total)
 
 Fresh runs start from torchvision's full-precision weights (local file, see --fp-init), as the original's
-`pretrained=True`. Checkpoints go to checkpoint/res18_<bit>checkpoint.pth.tar and .../res18_<bit>best.pth.tar.
+`pretrained=True`. Each run writes runs/apot/imagenet-res18_<bit>-<time>/ (manifest, log, tensorboard,
+res18_<bit>checkpoint.pth.tar, res18_<bit>best.pth.tar); when it finishes, checkpoint/res18_<bit>best.pth.tar
+and .../res18_<bit>checkpoint.pth.tar link to its files, so the README's --pretrained paths keep working.
 """
 import argparse
 import os
@@ -18,11 +20,13 @@ import torchvision.transforms as transforms
 from apot.ImageNet import engine, models
 from apot.ImageNet.models.resnet import load_torchvision_weights
 from common import data as cdata
+from common import interrupt, runs
+from common.checks import check_sgd_flags, check_results_writable, check_writable_dir
 from common.checkpoint import load_checkpoint, save_checkpoint, training_state
 from common.device import seed_everything
 from common.errors import UserError, cli
-from common.results import record
-from common.runlog import RunLog
+from common.identity import identity
+from common.results import combine_recipes, recipe_info, record
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -55,7 +59,19 @@ parser.add_argument("--power", default=1, type=int, choices=(0, 1),
                     help="(A)PoT (1) or uniform (0) quantization (default: 1)")
 parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
 parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
-parser.add_argument("--checkpoint-dir", default="checkpoint", help="where checkpoints go (default: checkpoint)")
+parser.add_argument("--checkpoint-dir", default="checkpoint",
+                    help="where links to the finished run's checkpoints go, as the original's file names "
+                         "(default: checkpoint); the files themselves are in the run directory")
+parser.add_argument("--name", default="", help="run name under runs/apot/ (default: flags + time stamp)")
+parser.add_argument("--overwrite", action="store_true", help="replace the run already named --name")
+
+
+def check_args(args):
+    """Every range and output directory, before any data is read (one line, exit 2)."""
+    check_sgd_flags(args, wd_flag="--wd")
+    if not args.evaluate:
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    check_results_writable()
 
 
 def run_tag(args):
@@ -88,9 +104,16 @@ def main():
     args = parser.parse_args()
     power = bool(args.power)
     models.check_bit(args.bit, power)
+    check_args(args)
+    tag = run_tag(args)
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    fdir = None
+    if not args.evaluate and first_rank:          # decided and checked before any work; never another run's
+        fdir = runs.plan_run_dir("apot", (f"imagenet-{tag}",), name=args.name, resume=args.resume,
+                                 overwrite=args.overwrite, flag="--name")
     ckpt = load_checkpoint(args.resume, what="resume checkpoint", flag="--resume") if args.resume else None
-    if args.print_freq < 1 or args.batch_size < 1:
-        raise UserError("-p/--print-freq and -b/--batch-size must be positive")
+    ident, note = engine.check_identity(ckpt, args.resume, args, power) if ckpt is not None else (None, None)
+    init_recipe = (ident or {}).get("init_recipe")
     distributed, rank, world, device = engine.setup_distributed(args.gpu)
     main_process = rank == 0
     if distributed:
@@ -98,17 +121,22 @@ def main():
             raise UserError(f"-b {args.batch_size} is smaller than the {world} processes; raise -b")
         args.batch_size = args.batch_size // world          # -b is the total batch over all processes
         args.workers = (args.workers + world - 1) // world
-    if args.seed is not None:
-        seed_everything(args.seed, deterministic=True)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed_everything(seed, deterministic=args.seed is not None)
     sampler, train_loader, val_loader = build_data(args, distributed, rank, world)   # fail fast on bad --data
-    tag = run_tag(args)
     say = print if main_process else (lambda *a, **k: None)
 
     say(f"=> creating model '{args.arch}' (bit {args.bit}, {'APoT' if power else 'uniform'})")
     model = models.__dict__[args.arch](bit=args.bit, power=power)
     if args.pretrained:
         say(f"=> loading pre-trained model from {args.pretrained}")
-        engine.load_pretrained(model, args.pretrained)
+        pre = load_checkpoint(args.pretrained, what="pretrained checkpoint", flag="--pretrained")
+        pre_ident, pre_note = engine.check_identity(pre, args.pretrained, args, power, flag="--pretrained",
+                                                    any_bits=True)
+        init_recipe = (pre_ident or {}).get("recipe")
+        if not args.resume:
+            note = note or pre_note
+        engine.load_pretrained(model, args.pretrained, ckpt=pre)
         if main_process:
             model.show_params()
     elif not args.resume and args.fp_init != "none":
@@ -120,9 +148,10 @@ def main():
     optimizer, scheduler = engine.make_optimizer(model, args)
     say("Total params: %.2fM" % (sum(p.numel() for p in model.parameters()) / 1e+6))
 
-    best_acc1, start_epoch = 0.0, args.start_epoch
+    best_acc1, start_epoch, skip = 0.0, args.start_epoch, 0
     if args.resume:
         start_epoch, best_acc1 = engine.resume(ckpt, model, optimizer, scheduler, args, power)
+        skip = int(ckpt.get("batch", 0)) if not args.evaluate else 0
         say(f"=> loaded checkpoint '{args.resume}' (epoch {ckpt.get('epoch', '?')})")
 
     if distributed:
@@ -132,43 +161,70 @@ def main():
 
     setting = engine.setting_name(args.bit, power)
     if args.evaluate:
+        say(f"=> device {device}, seed {seed}")
         acc1, acc5, loss, n = engine.validate(val_loader, model, criterion, device, distributed)
         say(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
         if main_process:
             engine.show_params(model)
+            extra = {"top5": acc5, "loss": loss, "checkpoint": args.resume or args.pretrained or "fp-init"}
+            if note:
+                extra["checkpoint_note"] = note
             record("apot", model=args.arch, dataset="imagenet", split="val", setting=setting, metric="top1",
-                   value=acc1, n_samples=n, extra={"top5": acc5, "loss": loss, "checkpoint": args.resume or
-                                                   args.pretrained or "fp-init"})
+                   value=acc1, n_samples=n, extra=extra, recipe=(ident or {}).get("recipe"), seed=seed)
         return
 
-    run_dir = os.path.join("runs", f"{args.arch}_{args.bit}bit" + ("" if power else "_uniform"))
-    log = RunLog(run_dir, args, seed=args.seed, device=device) if main_process else engine.Quiet()
-    os.makedirs(args.checkpoint_dir, exist_ok=True)
-    step = start_epoch * len(train_loader)
-    for epoch in range(start_epoch, args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        _, _, step = engine.train(train_loader, model, criterion, optimizer, epoch, args, log, device, step,
-                                  main_process)
-        acc1, acc5, loss, n_val = engine.validate(val_loader, model, criterion, device, distributed)
-        scheduler.step()
-        log.scalar("loss_val", loss, step)
-        log.scalar("acc1_val", acc1, step)
-        log.scalar("acc5_val", acc5, step)
-        is_best = acc1 > best_acc1
-        best_acc1 = max(acc1, best_acc1)
-        log.info(f" * Epoch {epoch} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}")
-        if main_process:
-            engine.show_params(model)
-            state = training_state(model, optimizer, scheduler, epoch + 1, best_acc1, arch=args.arch, bit=args.bit,
-                                   power=power, best_acc1=best_acc1)
-            save_checkpoint(state, os.path.join(args.checkpoint_dir, tag + "checkpoint.pth.tar"))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.checkpoint_dir, tag + "best.pth.tar"))
+    recipe = combine_recipes(recipe_info({"epochs": (args.epochs, parser.get_default("epochs")),
+                                          "train images": (len(train_loader.dataset), 1281167)}),
+                             *([init_recipe] if init_recipe or args.pretrained else []))
+    qident = identity("apot", args.arch, bits=args.bit, scheme=engine.scheme(args.bit, power), stage="train",
+                      recipe=recipe, init_recipe=init_recipe)
+    log = runs.start_run("apot", fdir, args, seed=seed, device=device, recipe=recipe, overwrite=args.overwrite).log \
+        if main_process else engine.Quiet()
+    eta = runs.ETA(args.epochs, start_epoch, len(train_loader), say=log.info)
+
+    def state_at(epoch, **extra):
+        return training_state(model, optimizer, scheduler, epoch, best_acc1, arch=args.arch, bit=args.bit,
+                              power=power, best_acc1=best_acc1, quantlab=qident, **extra)
+
+    def on_interrupt(i, step):                    # SIGINT/SIGTERM: save at this batch, atomically, then stop
+        state = state_at(epoch, batch=i + 1, interrupted=True)
+        path = os.path.join(fdir, tag + "checkpoint.pth.tar")
+        interrupt.save_and_stop(path, state, log, f"epoch {epoch} batch {i + 1}")
+
+    step = start_epoch * len(train_loader) + skip
+    with interrupt.armed():
+        for epoch in range(start_epoch, args.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            _, _, step = engine.train(train_loader, model, criterion, optimizer, epoch, args, log, device, step,
+                                      main_process, skip=skip if epoch == start_epoch else 0, eta=eta,
+                                      on_interrupt=None if distributed else on_interrupt)
+            acc1, acc5, loss, n_val = engine.validate(val_loader, model, criterion, device, distributed)
+            scheduler.step()
+            log.scalar("loss_val", loss, step)
+            log.scalar("acc1_val", acc1, step)
+            log.scalar("acc5_val", acc5, step)
+            is_best = acc1 > best_acc1
+            best_acc1 = max(acc1, best_acc1)
+            log.info(f" * Epoch {epoch} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}; "
+                     f"{eta.line(epoch + 1)}")
+            if main_process:
+                log.flush()
+                engine.show_params(model)
+                state = state_at(epoch + 1)
+                save_checkpoint(state, os.path.join(fdir, tag + "checkpoint.pth.tar"))
+                if is_best:
+                    save_checkpoint(state, os.path.join(fdir, tag + "best.pth.tar"))
     if main_process and args.epochs > start_epoch:
         record("apot", model=args.arch, dataset="imagenet", split="val", setting=setting, metric="top1",
                value=best_acc1, n_samples=n_val,
-               extra={"selection": "best epoch on val (as the published numbers)", "epochs": args.epochs})
+               extra={"selection": "best epoch on val (as the published numbers)", "epochs": args.epochs},
+               recipe=recipe, seed=seed)
+    if main_process:                              # checkpoint/res18_5best.pth.tar -> the finished run's file
+        for f in sorted(os.listdir(fdir)):
+            if f.startswith(tag) and f.endswith(".pth.tar"):
+                runs.link_latest(os.path.join(fdir, f), os.path.join(args.checkpoint_dir, f), say=log.info)
+        runs.end_run()
     log.close()
     if distributed:
         torch.distributed.destroy_process_group()

@@ -4,12 +4,14 @@
     python main.py --arch resnet18 --bit 5 --epochs 25 --power 0    # uniform
     python main.py -a resnet10 --bit 4 -e --resume result/resnet10_4bit/model_best.pth.tar
 
-Trains from scratch at the target bit-width; output in result/<arch>_<bit>bit[_uniform]/.
+Trains from scratch at the target bit-width; each run writes runs/apot/mnist-<arch>_<bit>bit[_uniform]-<time>/
+(or runs/apot/<--name>/), and result/<arch>_<bit>bit[_uniform] links to the latest finished run.
 The original validated on the TRAINING split; here validation uses the test split unless
 --val-split train (see apot/DEVIATIONS.md).
 """
 import argparse
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -19,16 +21,23 @@ import torchvision.transforms as transforms
 from apot.ImageNet import engine
 from apot.MNIST import models
 from common import data as cdata
+from common import interrupt, runs
+from common.checks import check_sgd_flags, check_results_writable
 from common.checkpoint import load_checkpoint, save_checkpoint, training_state
+from common.devdata import DeviceLoader
 from common.device import seed_everything
 from common.errors import UserError, cli
-from common.results import record
-from common.runlog import RunLog
+from common.identity import identity
+from common.results import combine_recipes, recipe_info, record
 
 parser = argparse.ArgumentParser(description="APoT MNIST Training")
 parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", choices=models.ARCHS,
                     help="model architecture: " + " | ".join(models.ARCHS) + " (default: resnet18)")
 parser.add_argument("-j", "--workers", default=2, type=int, metavar="N", help="data loading workers (default: 2)")
+parser.add_argument("--loader", default="device", choices=("device", "torchvision"),
+                    help="device: uint8 MNIST on the training device, flipped and normalised per batch there "
+                         "(common/devdata.py, same distribution); torchvision: the per-image DataLoader pipeline")
+parser.add_argument("--compile", action="store_true", help="train and validate through torch.compile(model)")
 parser.add_argument("--epochs", default=50, type=int, metavar="N", help="number of total epochs to run")
 parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number")
 parser.add_argument("-b", "--batch-size", default=128, type=int, metavar="N", help="mini-batch size (default: 128)")
@@ -51,6 +60,14 @@ parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
 parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
 parser.add_argument("--val-split", default="test", choices=("test", "train"),
                     help="split for -e and per-epoch validation; the original used 'train' (default: test)")
+parser.add_argument("--name", default="", help="run name under runs/apot/ (default: flags + time stamp)")
+parser.add_argument("--overwrite", action="store_true", help="replace the run already named --name")
+
+
+def check_args(args):
+    """Every range and output directory, before any data is read (one line, exit 2)."""
+    check_sgd_flags(args, wd_flag="--wd")
+    check_results_writable()
 
 
 def main():
@@ -59,70 +76,117 @@ def main():
     models.check_bit(args.bit, power)
     if args.evaluate and not (args.resume or args.pretrained):
         raise UserError("-e needs a trained model: pass --resume PATH (or --pretrained PATH)")
+    check_args(args)
+    tag = f"{args.arch}_{args.bit}bit" + ("" if power else "_uniform")
+    fdir = None if args.evaluate else runs.plan_run_dir("apot", (f"mnist-{tag}",), name=args.name,
+                                                        resume=args.resume, overwrite=args.overwrite, flag="--name")
     ckpt = load_checkpoint(args.resume, what="checkpoint", flag="--resume") if args.resume else None
+    ident, note = engine.check_identity(ckpt, args.resume, args, power) if ckpt is not None else (None, None)
     _, _, _, device = engine.setup_distributed(args.gpu)
-    if args.seed is not None:
-        seed_everything(args.seed, deterministic=True)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed_everything(seed, deterministic=args.seed is not None)
 
     normalize = transforms.Normalize(mean=[0.131], std=[0.308])
     # CenterCrop(28)/RandomCrop(28) of the original are no-ops on 28x28 MNIST; the horizontal flip is kept
     val_set = cdata.mnist(args.data, train=args.val_split == "train",
                           transform=transforms.Compose([transforms.ToTensor(), normalize]))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
-                                             num_workers=args.workers)
+    if args.loader == "device":
+        val_loader = DeviceLoader(val_set, args.batch_size, device, [0.131], [0.308])
+    else:
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
+                                                 num_workers=args.workers)
     print(f"=> creating model '{args.arch}' (bit {args.bit}, {'APoT' if power else 'uniform'})")
     model = models.__dict__[args.arch](bit=args.bit, power=power)
+    init_recipe = (ident or {}).get("init_recipe")
     if args.pretrained:
         print(f"=> loading pre-trained model from {args.pretrained}")
-        engine.load_pretrained(model, args.pretrained)
+        pre = load_checkpoint(args.pretrained, what="pretrained checkpoint", flag="--pretrained")
+        pre_ident, pre_note = engine.check_identity(pre, args.pretrained, args, power, flag="--pretrained",
+                                                    any_bits=not args.evaluate)
+        init_recipe = (pre_ident or {}).get("recipe")
+        if args.evaluate and not args.resume:
+            ident, note = pre_ident, pre_note
+        engine.load_pretrained(model, args.pretrained, ckpt=pre, strict=args.evaluate and not args.resume)
     model.to(device)
     criterion = nn.CrossEntropyLoss().to(device)
     optimizer, scheduler = engine.make_optimizer(model, args)
     print("Total params: %.2fM" % (sum(p.numel() for p in model.parameters()) / 1e+6))
 
-    best_acc1, start_epoch = 0.0, args.start_epoch
+    best_acc1, start_epoch, skip = 0.0, args.start_epoch, 0
     if args.resume:
         start_epoch, best_acc1 = engine.resume(ckpt, model, optimizer, scheduler, args, power)
+        skip = int(ckpt.get("batch", 0)) if not args.evaluate else 0
         print(f"=> loaded checkpoint '{args.resume}' (epoch {int(ckpt.get('epoch', 0))})")
 
     setting = engine.setting_name(args.bit, power)
     if args.evaluate:
+        print(f"=> device {device}, seed {seed}")
+        t0 = time.time()
         acc1, acc5, loss, n = engine.validate(val_loader, model, criterion, device, desc=args.val_split)
         print(f" * Acc@1 {acc1:.2f} ({args.val_split} split, {n} images)")
         model.show_params()
+        extra = {"checkpoint": args.resume or args.pretrained, "loss": loss}
+        if note:
+            extra["checkpoint_note"] = note
         record("apot", model=args.arch, dataset="mnist", split=args.val_split, setting=setting, metric="top1",
-               value=acc1, n_samples=n, extra={"checkpoint": args.resume or args.pretrained, "loss": loss})
+               value=acc1, n_samples=n, extra=extra, recipe=(ident or {}).get("recipe"), seed=seed,
+               wall_s=time.time() - t0)
         return
 
     train_set = cdata.mnist(args.data, train=True, transform=transforms.Compose([
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                                               num_workers=args.workers)
-    fdir = os.path.join("result", f"{args.arch}_{args.bit}bit" + ("" if power else "_uniform"))
-    log = RunLog(fdir, args, seed=args.seed, device=device)
-    step = start_epoch * len(train_loader)
-    for epoch in range(start_epoch, args.epochs):
-        if epoch % 5 == 1:
-            model.show_params()
-        _, _, step = engine.train(train_loader, model, criterion, optimizer, epoch, args, log, device, step)
-        acc1, acc5, loss, n = engine.validate(val_loader, model, criterion, device, desc=args.val_split)
-        scheduler.step()
-        log.scalar("loss_val", loss, step)
-        log.scalar("acc1_val", acc1, step)
-        log.scalar("acc5_val", acc5, step)
-        is_best = acc1 > best_acc1
-        best_acc1 = max(acc1, best_acc1)
-        log.info(f" * Epoch {epoch} Acc@1 {acc1:.2f} ({args.val_split}) best_acc:{best_acc1:.2f}")
-        state = training_state(model, optimizer, scheduler, epoch + 1, best_acc1, arch=args.arch, bit=args.bit,
-                               power=power, best_acc1=best_acc1, val_split=args.val_split)
-        save_checkpoint(state, os.path.join(fdir, "checkpoint.pth"))
-        if is_best:
-            save_checkpoint(state, os.path.join(fdir, "model_best.pth.tar"))
+    if args.loader == "device":
+        train_loader = DeviceLoader(train_set, args.batch_size, device, [0.131], [0.308], shuffle=True, flip=True)
+    else:
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                                   num_workers=args.workers)
+    fwd = torch.compile(model) if args.compile else model      # checkpoints keep the model's own keys
+    recipe = combine_recipes(recipe_info({"epochs": (args.epochs, parser.get_default("epochs")),
+                                          "train images": (len(train_set), 60000)}),
+                             *([init_recipe] if init_recipe or args.pretrained else []))
+    qident = identity("apot", args.arch, bits=args.bit, scheme=engine.scheme(args.bit, power), stage="train",
+                      recipe=recipe, run_dir=os.path.abspath(fdir), init_recipe=init_recipe)
+    log = runs.start_run("apot", fdir, args, seed=seed, device=device, recipe=recipe,
+                         overwrite=args.overwrite).log
+    eta = runs.ETA(args.epochs, start_epoch, len(train_loader), say=log.info)
+
+    def state_at(epoch, **extra):
+        return training_state(model, optimizer, scheduler, epoch, best_acc1, arch=args.arch, bit=args.bit,
+                              power=power, best_acc1=best_acc1, val_split=args.val_split, quantlab=qident, **extra)
+
+    def on_interrupt(i, step):                    # SIGINT/SIGTERM: save at this batch, atomically, then stop
+        state = state_at(epoch, batch=i + 1, interrupted=True)
+        interrupt.save_and_stop(os.path.join(fdir, "checkpoint.pth"), state, log, f"epoch {epoch} batch {i + 1}")
+
+    step = start_epoch * len(train_loader) + skip
+    with interrupt.armed():
+        for epoch in range(start_epoch, args.epochs):
+            if epoch % 5 == 1:
+                model.show_params()
+            _, _, step = engine.train(train_loader, fwd, criterion, optimizer, epoch, args, log, device, step,
+                                      skip=skip if epoch == start_epoch else 0, eta=eta,
+                                      on_interrupt=on_interrupt)
+            acc1, acc5, loss, n = engine.validate(val_loader, fwd, criterion, device, desc=args.val_split)
+            scheduler.step()
+            log.scalar("loss_val", loss, step)
+            log.scalar("acc1_val", acc1, step)
+            log.scalar("acc5_val", acc5, step)
+            log.flush()
+            is_best = acc1 > best_acc1
+            best_acc1 = max(acc1, best_acc1)
+            log.info(f" * Epoch {epoch} Acc@1 {acc1:.2f} ({args.val_split}) best_acc:{best_acc1:.2f}; "
+                     f"{eta.line(epoch + 1)}")
+            state = state_at(epoch + 1)
+            save_checkpoint(state, os.path.join(fdir, "checkpoint.pth"))
+            if is_best:
+                save_checkpoint(state, os.path.join(fdir, "model_best.pth.tar"))
     if args.epochs > start_epoch:
         record("apot", model=args.arch, dataset="mnist", split=args.val_split, setting=setting, metric="top1",
                value=best_acc1, n_samples=len(val_set),
-               extra={"selection": "best epoch on the validation split", "epochs": args.epochs})
-    log.close()
+               extra={"selection": "best epoch on the validation split", "epochs": args.epochs}, recipe=recipe,
+               seed=seed)
+    runs.link_latest(fdir, os.path.join("result", tag), say=log.info)
+    runs.end_run()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ the "calibrated" gradient: ∂ŵ = g unchanged (no clipping), ∂α = Σ g·(sig
 Activations: x = a/α, q = α·Π(min(x, 1)) on Q^a(1, b) (no lower clamp: inputs are post-ReLU);
 ∂a = g·1[x≤1], ∂α = Σ g·(1[x>1] + (q−x)·1[x≤1]).
 First conv / last fc: 8-bit w_q = round(w/max(w)·127)/127·max(w) with STE (signed max, no clamp).
+
+Π runs through each module's `LevelProjector` (sync-free, bit-identical to the original's argmin); setting a
+module's `reference = True` makes it use `nearest_level_argmin` instead (tests compare the two).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from apot.apot_levels import build_power_value, nearest_level
+from apot.apot_levels import LevelProjector, build_power_value, nearest_level_argmin
 
 BITS = (2, 3, 4, 5)  # bit-widths the level sets exist for (weights use B=b−1, activations B=b)
 
@@ -22,19 +25,29 @@ def uniform_quant(x, b):
     return x.mul(n).round().div(n)
 
 
-def project(x, grid, b):
-    """Π: nearest level of `grid` (the original's argmin, ties included), or b-bit uniform rounding if None."""
-    return uniform_quant(x, b) if grid is None else nearest_level(x, grid)
+def project(x, proj, b):
+    """Π: `proj(x)` (nearest level, the original's argmin with its ties), or b-bit uniform rounding if None."""
+    return uniform_quant(x, b) if proj is None else proj(x)
+
+
+def _projection(module):
+    """The module's Π: its LevelProjector, the reference argmin (`reference = True`), or None (uniform)."""
+    if module.proj is None:
+        return None
+    if module.reference:
+        levels = module.proj.levels
+        return lambda x: nearest_level_argmin(x, levels)
+    return module.proj
 
 
 class _pq(torch.autograd.Function):
     """Weight quantizer with calibrated gradients on magnitudes in [0, 1] (`b` magnitude bits)."""
 
     @staticmethod
-    def forward(ctx, input, alpha, grid, b):
+    def forward(ctx, input, alpha, proj, b):
         x = input.div(alpha)                    # ŵ/α (the original did this in place)
         x_c = x.clamp(min=-1, max=1)
-        q = project(x_c.abs(), grid, b).mul(x_c.sign())
+        q = project(x_c.abs(), proj, b).mul(x_c.sign())
         ctx.save_for_backward(x, q)
         return q.mul(alpha)
 
@@ -50,9 +63,9 @@ class _uq(torch.autograd.Function):
     """Activation quantizer (upper clip only) with calibrated gradients."""
 
     @staticmethod
-    def forward(ctx, input, alpha, grid, b):
+    def forward(ctx, input, alpha, proj, b):
         x = input.div(alpha)
-        q = project(x.clamp(max=1), grid, b)
+        q = project(x.clamp(max=1), proj, b)
         ctx.save_for_backward(x, q)
         return q.mul(alpha)
 
@@ -71,9 +84,11 @@ class weight_quantization(nn.Module):
         super().__init__()
         self.b, self.power = b, power
         self.register_buffer('grids', grids if power else None, persistent=False)   # moves with .to(device)
+        self.proj = LevelProjector(grids, signed=False) if power else None     # sees |x| only
+        self.reference = False
 
     def forward(self, input, alpha):
-        return _pq.apply(input, alpha, self.grids, self.b)
+        return _pq.apply(input, alpha, _projection(self), self.b)
 
 
 class act_quantization(nn.Module):
@@ -83,9 +98,11 @@ class act_quantization(nn.Module):
         super().__init__()
         self.b, self.power = b, power
         self.register_buffer('grid', grid if power else None, persistent=False)
+        self.proj = LevelProjector(grid) if power else None
+        self.reference = False
 
     def forward(self, input, alpha):
-        return _uq.apply(input, alpha, self.grid, self.b)
+        return _uq.apply(input, alpha, _projection(self), self.b)
 
 
 class weight_quantize_fn(nn.Module):

@@ -10,12 +10,14 @@ through the statistics), then
   b == 2       : alpha * round(clamp(w^/alpha, -1, 1)), calibrated gradient (uq_with_calibrated_graditens)
   uniform, b>2 : alpha * round(clamp(w^/alpha, -1, 1) * (2^(b-1)-1)) / (2^(b-1)-1)  (STE)
 Activations (bit b, post-ReLU): alpha * Pi_{Q^a(1, b)}(clamp(a/alpha, 0, 1)), or uniform with 2^b-1 steps.
+Pi runs through each module's `LevelProjector` (sync-free, bit-identical to the original's argmin); a module's
+`reference = True` switches it to `nearest_level_argmin` (tests compare the two).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from apot.apot_levels import build_power_value, nearest_level
+from apot.apot_levels import LevelProjector, build_power_value, nearest_level, nearest_level_argmin
 from common.errors import UserError
 
 __all__ = ["build_power_value", "clamp_ste", "gradient_scale", "apot_quantization", "uq_with_calibrated_graditens",
@@ -50,21 +52,37 @@ def gradient_scale(x, scale):
     return (x - y_grad).detach() + y_grad
 
 
+def _projection(proj_set):
+    """Pi as a function: a level tensor goes through `nearest_level`; a LevelProjector (any callable) as is."""
+    if isinstance(proj_set, torch.Tensor):
+        return lambda x: nearest_level(x, proj_set)
+    return proj_set
+
+
+def _module_projection(module):
+    if module.reference:
+        return lambda x: nearest_level_argmin(x, module.grid)
+    return module.proj
+
+
 def apot_quantization(tensor, alpha, proj_set, is_weight=True, grad_scale=None):
     """alpha * nearest level of clamp(tensor/alpha) in proj_set (signed for weights), with the STE.
+
+    proj_set: the level tensor, or a projection x -> nearest level (a module's LevelProjector: no host sync).
 
     Gradients by autograd: d/dtensor = 1 inside the closed clamp range, 0 outside (`clamp_ste`);
     d/dalpha = q - x inside, sign(x) above the range (weights) or 1 above / 0 below (activations).
     """
     if grad_scale:
         alpha = gradient_scale(alpha, grad_scale)
+    project = _projection(proj_set)
     data = tensor / alpha
     if is_weight:
         data = clamp_ste(data, -1, 1)
-        hard = nearest_level(data.abs(), proj_set).mul(data.sign())
+        hard = project(data.abs()).mul(data.sign())
     else:
         data = clamp_ste(data, 0, 1)
-        hard = nearest_level(data, proj_set)
+        hard = project(data)
     data_q = (hard - data).detach() + data
     return data_q * alpha
 
@@ -122,6 +140,8 @@ class weight_quantize_fn(nn.Module):
         self.w_bit, self.power, self.grad_scale = w_bit, power, grad_scale
         grid = build_power_value(w_bit - 1, additive) if power and 2 < w_bit < 32 else torch.empty(0)
         self.register_buffer("grid", grid, persistent=False)
+        self.proj = LevelProjector(grid, signed=False) if grid.numel() else None    # sees [0, 1] only
+        self.reference = False
 
     def forward(self, weight, alpha):
         if self.w_bit == 32:
@@ -130,7 +150,7 @@ class weight_quantize_fn(nn.Module):
         if self.w_bit == 2:
             return uq_with_calibrated_graditens(self.grad_scale)(weight, alpha)
         if self.power:
-            return apot_quantization(weight, alpha, self.grid, True, self.grad_scale)
+            return apot_quantization(weight, alpha, _module_projection(self), True, self.grad_scale)
         return uniform_quantization(weight, alpha, self.w_bit, True, self.grad_scale)
 
     def extra_repr(self):
@@ -147,12 +167,14 @@ class act_quantization(nn.Module):
         if grid is None:
             grid = build_power_value(b, additive=True) if power and b != 32 else torch.empty(0)
         self.register_buffer("grid", grid, persistent=False)
+        self.proj = LevelProjector(grid, signed=False) if grid.numel() else None    # sees [0, 1] only
+        self.reference = False
 
     def forward(self, x, alpha):
         if self.b == 32:
             return x
         if self.power:
-            return apot_quantization(x, alpha, self.grid, False, self.grad_scale)
+            return apot_quantization(x, alpha, _module_projection(self), False, self.grad_scale)
         return uniform_quantization(x, alpha, self.b, False, self.grad_scale)
 
     def extra_repr(self):
@@ -185,7 +207,8 @@ class QuantConv2d(nn.Conv2d):
         self.register_buffer("act_grid", act_grid, persistent=False)
         self.weight_quant = weight_quantize_fn(w_bit=self._bit, power=self._power, additive=self._additive,
                                                grad_scale=self.grad_scale).to(dev)
-        self.act_alq = act_quantization(self._bit, self.act_grid, power=self._power, grad_scale=self.grad_scale)
+        self.act_alq = act_quantization(self._bit, self.act_grid, power=self._power,
+                                        grad_scale=self.grad_scale).to(dev)
 
     def _setter(name):
         def get(self):

@@ -1,0 +1,91 @@
+"""Checks before work: argument ranges and output directories, one UserError line each, before any data
+is read or any model is built.
+
+    check_range("-b/--batch-size", args.batch_size, lo=1)
+    check_range("--lr", args.lr, lo=0)
+    check_range("--pr", args.pr, lo=0, hi=1)
+    check_writable_dir(save_dir, "--save-dir")
+    check_writable_file(args.model_ori, "--model_ori")
+    check_results_writable()          # RESULTS_DIR / results/
+"""
+import math
+import os
+
+from common.errors import UserError
+
+
+def check_range(flag, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    """`value` within [lo, hi] (open ends with lo_open/hi_open); None means unbounded. Returns value."""
+    if value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} {value} is not a finite number")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise UserError(f"{flag} {value} is out of range; it must be in {rng}")
+    return value
+
+
+def check_sgd_flags(args, wd_flag="--wd"):
+    """The pytorch/examples-style flags (-b, --lr, --momentum, weight decay, -p, -j and, when training,
+    --epochs and --start-epoch) of a namespace that has them."""
+    check_range("-b/--batch-size", args.batch_size, lo=1)
+    check_range("--lr", args.lr, lo=0)
+    check_range("--momentum", args.momentum, lo=0, hi=1)
+    check_range(wd_flag, args.weight_decay, lo=0)
+    check_range("-p/--print-freq", args.print_freq, lo=1)
+    check_range("-j/--workers", args.workers, lo=0)
+    if not getattr(args, "evaluate", False):
+        check_range("--epochs", args.epochs, lo=1)
+        check_range("--start-epoch", args.start_epoch, lo=0, hi=args.epochs - 1)
+
+
+def _existing_ancestor(path):
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
+
+
+def check_writable_dir(path, flag):
+    """`path` is (or can be created as) a writable directory: not a file, not under a file, permissions."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, expected a directory; pass another {flag}")
+    base = _existing_ancestor(path)
+    if not os.path.isdir(base):
+        raise UserError(f"{flag} {path} cannot be created: {base} is a file; pass another {flag}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable (no write permission on {base}); pass another {flag}")
+    return path
+
+
+def check_writable_file(path, flag):
+    """The file `path` can be written (its directory is writable or creatable; it is not a directory)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory, expected a file path; pass another {flag}")
+    d = os.path.dirname(os.path.abspath(path))
+    base = _existing_ancestor(d)
+    if not os.path.isdir(base):
+        raise UserError(f"{flag} {path} cannot be created: {base} is a file; pass another {flag}")
+    check_writable_dir(d, flag)
+    if os.path.exists(path) and not os.access(path, os.W_OK) and not os.access(d, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable; pass another {flag}")
+    return path
+
+
+def check_results_writable():
+    """The results directory (RESULTS_DIR or results/) accepts records: checked before any work."""
+    from common.results import results_dir
+    d = results_dir()
+    flag = "RESULTS_DIR" if os.environ.get("RESULTS_DIR") else "results directory"
+    check_writable_dir(d, flag)
+    return d

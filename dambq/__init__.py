@@ -1,0 +1,1 @@
+"""DAMBQ (CVPR 2021): distribution-aware multi-bit quantization with loss-aware bit-width allocation."""
