@@ -12,7 +12,7 @@ export DATA EPOCHS
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq reproduce-fdda clean
+.PHONY: help setup test test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -26,8 +26,9 @@ $(STAMP): requirements.txt
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5); print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
-test: setup ## run the test suite (the README's test command; CI runs it)
-	$(TEST_ENV) $(PY) -m pytest -q
+TEST_JOBS ?= 2
+test: setup ## run the test suite in TEST_JOBS processes (the README's test command; CI runs it)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_JOBS)
 
 # On a GPU machine without this venv (the device has torch/torchvision/pytest): `make test-gpu PY=python3`.
 test-gpu: ## the suite plus the `gpu` tests (short real runs of each paper's script on CUDA); QUANT_SHARED= data
@@ -56,6 +57,12 @@ reproduce-dambq: setup ## DAMBQ: CIFAR-10 ResNet-20 float -> W4A4 -> W2.0A2.0 (D
 
 reproduce-alignq: setup ## AlignQ: FP32 pretrain -> 8-bit CDF-aligned ResNet-20 on CIFAR-10 (DATA=, EPOCHS=), compare
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alignq/reproduce.sh
+
+pretrain-alignq: setup ## AlignQ: FP32 ResNet-20 CIFAR-10 source model of README #1 (DATA=, EPOCHS=)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alignq/pretrain.sh resnet-20-cifar-10
+
+pretrain-alignq-dann: setup ## AlignQ: FP32 DANN ResNet-50 Office-31 D->W source model of README #2 (DATA=, EPOCHS=, IMAGENET_WEIGHTS=)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alignq/pretrain.sh dann_office
 
 reproduce-fdda: setup ## FDDA: BNScenters -> main_cosine_CBNS -> test on an ImageNet root (DATA=), compare
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash fdda/reproduce.sh

@@ -21,12 +21,13 @@ Rows (results/bench/apot_fast.csv, one per measurement, tagged with torch versio
     python benchmarks/bench_apot_fast.py [--threads 1] [--repeats N] [--gpu ID] [--no-compile] [--quick]
 """
 import argparse
-import csv
 import os
 import statistics
 import time
 
 import torch
+
+from benchlib import append_rows, environment, timed
 import torch.nn.functional as F
 
 from apot.apot_levels import build_power_value, nearest_level
@@ -36,7 +37,6 @@ from apot.ImageNet.models import quant_layer as ql
 from common import REPO_ROOT
 from common.device import get_device
 from common.errors import cli
-from common.runlog import cpu_name
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median; default 5 CPU, 20 CUDA)")
@@ -129,27 +129,6 @@ def quantizer_pair(gen, bit, impl, device):
     return torch.compile(fn) if impl == "compiled" else fn
 
 
-def timed(fn, device, repeats, warmup=1):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) if times else 0.0
-
-
-def env(device, threads):
-    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "threads": threads}
-
 
 def bench_quantizers(args, device, bits, impls):
     rows = []
@@ -185,7 +164,7 @@ def bench_quantizers(args, device, bits, impls):
                 t = statistics.median(times[impl])
                 same = "" if impl in ("original", "reference") else torch.equal(
                     outs[impl].view(torch.int32), outs["reference"].view(torch.int32))
-                rows.append({**env(device, torch.get_num_threads()), "kind": "quantizer",
+                rows.append({**environment(device), "kind": "quantizer",
                              "case": f"{gen} W256x256x3x3+A32x256x14x14 fwd+bwd", "bit": bit, "impl": impl,
                              "ms": round(t * 1e3, 3), "baseline": impls[0],
                              "ratio": round(base_t / t, 3), "identical": same})
@@ -230,7 +209,7 @@ def bench_steps(args, device, bits, compile_modes):
             float_t = statistics.median(times[32])
             for bit in settings:
                 t = statistics.median(times[bit])
-                rows.append({**env(device, torch.get_num_threads()), "kind": "step",
+                rows.append({**environment(device), "kind": "step",
                              "case": f"{name} batch 128 SGD step", "bit": bit, "impl": mode,
                              "ms": round(t * 1e3, 3), "baseline": f"float {mode}",
                              "ratio": round(t / float_t, 3), "identical": ""})
@@ -283,7 +262,7 @@ def bench_mnist_epoch(args, device):
         float_t = t if bit == 32 else float_t
         for impl, ms, base, ratio in (("device loader only", t_data, f"bit {bit} epoch", t_data / t),
                                       ("eager epoch", t, "float epoch", t / float_t)):
-            rows.append({**env(device, torch.get_num_threads()), "kind": "epoch",
+            rows.append({**environment(device), "kind": "epoch",
                          "case": f"resnet10 mnist {n_iter} iterations of 128", "bit": bit, "impl": impl,
                          "ms": round(ms * 1e3, 3), "baseline": base, "ratio": round(ratio, 3), "identical": ""})
         print(f"mnist resnet10 bit {bit:2d}: epoch {t:7.2f} s ({t / n_iter * 1e3:.1f} ms/it), loader alone "
@@ -305,14 +284,7 @@ def main():
     if args.only in (None, "step"):
         rows += bench_steps(args, device, (4,) if args.quick else (2, 3, 4, 5),
                             [False] + ([] if args.no_compile else [True]))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    new = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"-> {args.out}")
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

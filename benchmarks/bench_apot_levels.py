@@ -8,15 +8,13 @@ The two must give identical outputs; the ratio argmin/bucketize is written to re
     python benchmarks/bench_apot_levels.py [--repeats 5] [--threads N] [--gpu ID]
 """
 import argparse
-import csv
 import os
-import statistics
-import time
 
 import torch
 
+from benchlib import append_rows, environment, timed
+
 from apot.apot_levels import nearest_level, nearest_level_argmin
-from common.runlog import cpu_name
 from apot.ImageNet.models import quant_layer as ql
 from common import REPO_ROOT
 from common.device import get_device
@@ -29,19 +27,6 @@ parser.add_argument("--gpu", type=int, default=None, help="GPU id (default: any 
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "apot_levels.csv"))
 
 
-def time_case(fn, device, repeats):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    fn()                                    # warm-up (and level tables)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -74,28 +59,20 @@ def main():
                 out = fwd()
                 out.backward(grad if grad is not None else torch.ones_like(out))
                 return out
-            results[impl_name] = (time_case(step, device, args.repeats), step().detach().clone())
+            results[impl_name] = (timed(step, device, args.repeats), step().detach().clone())
             grad = torch.randn_like(results[impl_name][1]) if grad is None else grad
         ql.nearest_level = nearest_level
         same = torch.equal(results["bucketize"][1], results["argmin"][1])
         t_b, t_a = results["bucketize"][0], results["argmin"][0]
         rows.append({
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "threads": torch.get_num_threads(), "case": name + " fwd+bwd", "bit": bit, "levels": n_levels,
+            **environment(device),
+            "case": name + " fwd+bwd", "bit": bit, "levels": n_levels,
             "bucketize_ms": round(t_b * 1e3, 3), "argmin_ms": round(t_a * 1e3, 3),
             "ratio_argmin_over_bucketize": round(t_a / t_b, 3), "identical_output": same, "repeats": args.repeats,
         })
         print(f"{name:32s} bit {bit} ({n_levels:2d} levels): bucketize {t_b * 1e3:8.1f} ms, argmin {t_a * 1e3:8.1f} ms,"
               f" ratio {t_a / t_b:5.2f}x, identical={same}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    new = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"-> {args.out}")
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Rows (step ms, ratio to fp32, peak memory) go to results/bench/dambq.csv, tagged
     python benchmarks/bench_dambq.py [--batch 128] [--steps 5] [--threads N] [--gpu ID]
 """
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -23,10 +22,11 @@ import time
 
 import torch
 
+from benchlib import append_rows, environment
+
 from common import REPO_ROOT
 from common.device import get_device
 from common.errors import cli
-from common.runlog import cpu_name
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument('--batch', type=int, default=128, help='batch size (the authors trained with 512)')
@@ -148,16 +148,13 @@ def main():
             wall[n].append(time.perf_counter() - t0)
             cpu[n].append(time.process_time() - c0)
     rows = []
-    stamp = time.strftime('%Y-%m-%dT%H:%M:%S')
     for n in names:
         cmd = [sys.executable, os.path.abspath(__file__), '--variant', n, '--batch', str(args.batch)] + \
               (['--threads', str(args.threads)] if args.threads else []) + \
               (['--gpu', str(args.gpu)] if args.gpu is not None else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         mem = json.loads(out.strip().splitlines()[-1])
-        rows.append({'timestamp': stamp, 'torch': torch.__version__, 'device': str(device),
-                     'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name(),
-                     'threads': torch.get_num_threads(), 'model': 'resnet20', 'batch': args.batch,
+        rows.append({**environment(device), 'model': 'resnet20', 'batch': args.batch,
                      'steps': args.steps, 'variant': n,
                      'step_ms': round(statistics.median(wall[n]) * 1e3, 2),
                      'ratio_to_fp32': round(statistics.median(wall[n]) / statistics.median(wall['fp32']), 3),
@@ -166,14 +163,7 @@ def main():
     for r in rows:
         print(f"{r['variant']:9s} step {r['step_ms']:9.1f} ms  x{r['ratio_to_fp32']:.2f} of fp32 (CPU time "
               f"x{r['cpu_ratio_to_fp32']:.2f})  peak {r['peak_MiB']:8.1f} MiB ({r['memory']})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    new = not os.path.exists(args.out)
-    with open(args.out, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f'-> {args.out}')
+    append_rows(args.out, rows)
 
 
 if __name__ == '__main__':

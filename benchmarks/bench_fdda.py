@@ -10,17 +10,15 @@ input. Rows (median of --repeats) go to results/bench/fdda.csv, ratios within on
 """
 import argparse
 import copy
-import csv
 import os
-import statistics
-import time
 
 import torch
+
+from benchlib import append_rows, environment, timed
 
 from common import REPO_ROOT
 from common.device import get_device
 from common.errors import cli
-from common.runlog import cpu_name
 from fdda import models
 from fdda.conditional_batchnorm import Generator_imagenet
 from fdda.distributed import Dist
@@ -38,19 +36,6 @@ parser.add_argument("--gpu", type=int, default=None, help="GPU id (default: any 
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "fdda.csv"))
 
 
-def timed(fn, device, repeats):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    fn()                                     # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def setup(name, args, device):
@@ -97,9 +82,8 @@ def main():
             return run
         t_q, t_fp = timed(fwd_bwd(student), device, args.repeats), timed(fwd_bwd(fp), device, args.repeats)
         rows.append({
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "threads": torch.get_num_threads(), "model": name, "batch": args.batch, "img_size": args.img_size,
+            **environment(device),
+            "model": name, "batch": args.batch, "img_size": args.img_size,
             "iteration_s": round(t_iter, 3), "student_q_fwd_bwd_s": round(t_q, 3),
             "student_fp_fwd_bwd_s": round(t_fp, 3), "ratio_quantized_over_fp": round(t_q / t_fp, 3),
             "repeats": args.repeats,
@@ -109,14 +93,7 @@ def main():
     base = rows[0]["iteration_s"]
     for r in rows:
         r["iteration_ratio_to_first"] = round(r["iteration_s"] / base, 3)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    new = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"-> {args.out}")
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Shared fixtures. `shared` is the read-only reference folder (`../shared` or $QUANT_SHARED):
 tests that need it skip cleanly when it is absent."""
 import os
+import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,3 +42,26 @@ def run_script(args, cwd, timeout=600, env=None):
     e.update(env or {})
     return subprocess.run([sys.executable] + list(args), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+def write_idx(path, arr):
+    """An MNIST idx file (uint8 data) at `path`."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
+
+
+def make_tiny_mnist(root, n_train, n_test, band_height, cols):
+    """MNIST in torchvision's layout under `root` whose class c is readable from the picture: a bright band of
+    `band_height` rows starting at row 2 + 2c over columns cols[0]:cols[1], on dark noise. Returns str(root)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.randint(0, 10, n)
+        x = rng.randint(0, 60, (n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, 2 + 2 * c:2 + 2 * c + band_height, cols[0]:cols[1]] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    return str(root)

@@ -2,14 +2,13 @@
 errors; tiny generated data by default, real MNIST / tiny CIFAR / tiny ImageNet runs marked slow."""
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
 import torch
 
 import alq_import
-from conftest import require_shared, run_script
+from conftest import make_tiny_mnist, require_shared, run_script
 
 A = alq_import.load()
 ALQ_DIR = alq_import.ALQ_DIR
@@ -17,27 +16,10 @@ TINY = ["--val_size", "100", "--batch_size", "64", "--pretrain_epochs", "1", "--
         "--epoch_coord", "1", "--post_epochs", "1", "1", "--top_k", "0.05"]
 
 
-def _idx(path, arr):
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
-
-
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory):
     """600 train / 200 test 28x28 images whose label is readable from the picture (a bright block per class)."""
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.RandomState(0)
-    for prefix, n in (("train", 600), ("t10k", 200)):
-        y = rng.randint(0, 10, n)
-        x = rng.randint(0, 60, (n, 28, 28))
-        for i, c in enumerate(y):
-            x[i, 2 + 2 * c:6 + 2 * c, 4:24] = 255
-        _idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        _idx(raw / f"{prefix}-labels-idx1-ubyte", y)
-    return str(root)
+    return make_tiny_mnist(tmp_path_factory.mktemp("mnist"), 600, 200, 4, (4, 24))
 
 
 def _run(args, tmp_path, cwd=ALQ_DIR, timeout=600):

@@ -2,36 +2,19 @@
 import importlib.util
 import os
 import re
-import struct
 import sys
 
-import numpy as np
 import pytest
 
+from conftest import make_tiny_mnist
+
 MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "apot", "MNIST")
-
-
-def _idx(path, arr):
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
 
 
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory):
     """96 train / 32 test images whose class is a bright horizontal band (flip-invariant, easy to learn)."""
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.RandomState(0)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        y = rng.randint(0, 10, n)
-        x = rng.randint(0, 60, (n, 28, 28))
-        for i, c in enumerate(y):
-            x[i, 2 + 2 * c:4 + 2 * c, 2:26] = 255
-        _idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        _idx(raw / f"{prefix}-labels-idx1-ubyte", y)
-    return str(root)
+    return make_tiny_mnist(tmp_path_factory.mktemp("mnist"), 96, 32, 2, (2, 26))
 
 
 def _train(tiny_mnist, tmp_path, monkeypatch, capsys, *extra):

@@ -1,0 +1,5 @@
+"""AlignQ CDF alignment, resnet-20-svhn (the original's cdf_alignment/resnet-20-svhn/main.py); flags: alignq/options.py."""
+from alignq.engine import main
+
+if __name__ == "__main__":
+    main("resnet-20-svhn")
