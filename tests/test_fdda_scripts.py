@@ -286,44 +286,36 @@ def test_bns_centers_of_another_network(data, tmp_path, monkeypatch, capsys):
     assert code == 2 and "hold 52 BN layers per class but regnetx_600m has 53" in err
 
 
-def _ddp_worker(rank, port, argv, cwd, data, results):
-    """One process of a 2-process job with torchrun's environment (forked: torch is already imported)."""
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FDDA_DATA=data, RESULTS_DIR=results)
-    torch.cuda.is_available = lambda: False              # gloo on CPU even where a GPU exists
-    os.chdir(cwd)
-    sys.argv = argv
-    with open(f"rank{rank}.out", "w") as f:
-        sys.stdout = f
-        try:
-            run_main(main_cosine_CBNS.main)
-        except SystemExit as e:
-            os._exit(e.code or 0)
-        f.flush()
-    os._exit(0)
-
-
 def test_ddp_two_processes_gloo(data, centers, tmp_path):
     """The training script in 2 processes with torchrun's environment variables (gloo): averaged gradients,
-    broadcast buffers, split evaluation. The real torchrun launcher is exercised by the slow test below."""
-    import multiprocessing
+    broadcast buffers, split evaluation. Two fresh interpreters, not forks: a fork of a process whose OpenMP
+    pool is already running can hang in its first parallel region (seen with 2 threads under xdist).
+    The real torchrun launcher is exercised by the slow test below."""
     import socket
     shutil.copytree(centers, tmp_path / "save_ImageNet")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = [os.path.join(FDDA, "main_cosine_CBNS.py"), "--model_name", "mobilenetv2_w1", "--conf_path", CONF,
-            "--id=1"] + TINY
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, port, argv, str(tmp_path), data, os.environ["RESULTS_DIR"]))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    assert [p.exitcode for p in procs] == [0, 0]
+    argv = [sys.executable, os.path.join(FDDA, "main_cosine_CBNS.py"), "--model_name", "mobilenetv2_w1",
+            "--conf_path", CONF, "--id=1"] + TINY
+    procs, outs = [], []
+    for rank in range(2):
+        env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FDDA_DATA=data, OMP_NUM_THREADS="1",
+                   CUDA_VISIBLE_DEVICES="")                       # gloo on CPU even where a GPU exists
+        out = open(tmp_path / f"rank{rank}.out", "w")
+        outs.append(out)
+        procs.append(subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for out in outs:
+            out.close()
     out0, out1 = (open(tmp_path / f"rank{r}.out").read() for r in range(2))
-    assert "2 process(es) on cpu" in out0 and "[Epoch 2/2]" in out0 and out1 == ""       # rank 0 logs only
+    assert codes == [0, 0], out0[-2000:] + out1[-2000:]
+    assert "2 process(es) on cpu" in out0 and "[Epoch 2/2]" in out0 and "[Epoch" not in out1  # rank 0 logs only
     recs = [json.loads(l) for l in open(os.path.join(os.environ["RESULTS_DIR"], "fdda.jsonl"))]
     assert len(recs) == 1 and recs[0]["n_samples"] == 6 and recs[0]["extra"]["world_size"] == 2
 
