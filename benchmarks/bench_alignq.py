@@ -28,8 +28,6 @@ parser.add_argument("--gpu", type=int, default=None, help="GPU id (default: any 
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "alignq.csv"))
 
 
-
-
 def train_step(bits, admm, batch, device):
     model = MODELS["resnet20_quant"](CDFScheme(bits, bits, admm_dim=batch if admm else 0)).to(device).train()
     for n, p in model.named_parameters():   # as the CIFAR loop: Z/Gamma move only by the ADMM update

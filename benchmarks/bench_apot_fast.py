@@ -129,7 +129,6 @@ def quantizer_pair(gen, bit, impl, device):
     return torch.compile(fn) if impl == "compiled" else fn
 
 
-
 def bench_quantizers(args, device, bits, impls):
     rows = []
     g = torch.Generator().manual_seed(0)

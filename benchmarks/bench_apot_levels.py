@@ -27,8 +27,6 @@ parser.add_argument("--gpu", type=int, default=None, help="GPU id (default: any 
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "apot_levels.csv"))
 
 
-
-
 def main():
     args = parser.parse_args()
     if args.threads:

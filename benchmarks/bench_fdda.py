@@ -36,8 +36,6 @@ parser.add_argument("--gpu", type=int, default=None, help="GPU id (default: any 
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "fdda.csv"))
 
 
-
-
 def setup(name, args, device):
     torch.manual_seed(0)
     spec = models.MODELS[name]
