@@ -9,6 +9,7 @@ Stage recipe (Qu et al., CVPR 2020, Alg. 1 and Sec. 4; schedule as in the origin
              coordinate steps (x0.9 per epoch); the best-validation model is kept.
 """
 import argparse
+import hashlib
 import math
 import os
 import signal
@@ -429,6 +430,61 @@ def stage_recipe(args, stage):
                        limits={"train_limit": args.train_limit})
 
 
+# Each stage starts from its own seed, derived from (--seed, stage name): a stage gives the same result whether
+# the earlier stages ran in the same process, in another invocation, or were resumed after a kill.
+STAGES = ("PRETRAIN", "ALQ", "POSTTRAIN")
+
+
+def stage_seed(seed, stage):
+    """A 31-bit seed from sha256('<seed>/<stage>'), e.g. stage_seed(1, 'ALQ')."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stage}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+# The flags that shape a stage's result. A stage output or resume file stores them; --resume refuses to continue
+# or skip a stage that was made with other values (it would report the old model under the new flags).
+_DATA_FLAGS = ("seed", "val_size", "batch_size", "train_limit", "val_no_aug")
+STAGE_FLAGS = {
+    "PRETRAIN": _DATA_FLAGS + ("pretrain_epochs",),
+    "ALQ": _DATA_FLAGS + ("lr", "R", "epoch_prune", "epoch_basis", "ld_basis", "epoch_coord", "ld_coord", "wd",
+                          "pr", "top_k", "structure", "subc", "max_bit", "fix_sign_flip", "fix_importance_index",
+                          "legacy_tie_order"),
+    "POSTTRAIN": _DATA_FLAGS + ("lr", "wd", "post_epochs", "fix_sign_flip"),
+}
+
+
+_SWITCHES = ("val_no_aug", "fix_sign_flip", "fix_importance_index", "legacy_tie_order")   # store_true flags
+
+
+def stage_flags(args, stage):
+    """{flag: value} of the flags that shape `stage` (lists for nargs flags, so they survive a checkpoint)."""
+    out = {}
+    for k in STAGE_FLAGS[stage]:
+        v = getattr(args, k, None)
+        out[k] = bool(v) if k in _SWITCHES else list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def check_stage_flags(ck, args, stage, path, log=None):
+    """Stop with one line when `path` (a stage output or resume file) was made with other shaping flags."""
+    ident = ck.get(IDENTITY_KEY) if isinstance(ck, dict) else None
+    stored = ident.get("flags") if isinstance(ident, dict) else None
+    if not isinstance(stored, dict):
+        if log is not None:
+            log.info(f"note: {path} records no flags (written by an older version); its {stage} flags are not checked")
+        return
+    now = stage_flags(args, stage)
+    diff = [k for k in now if k in stored and stored[k] != now[k]]
+    if diff:
+        was = ", ".join(f"--{k} {_show(stored[k])}" for k in diff)
+        asked = ", ".join(f"--{k} {_show(now[k])}" for k in diff)
+        raise UserError(f"{path} ({stage}) was made with {was}, but this command asks for {asked}; --resume "
+                        f"never reuses it under other flags: pass --overwrite to redo the stage, or another --log_dir")
+
+
+def _show(v):
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def identity_of(path):
     """The identity stored in a checkpoint file (None for files written before identities)."""
     ck = load_checkpoint(path)
@@ -468,7 +524,7 @@ class Stage:
         """The checkpoint identity of a stage output (common.identity); bits are filled in by save_model."""
         return identity("alq", self.arch, bits=32 if stage == "PRETRAIN" else None,
                         scheme="fp32" if stage == "PRETRAIN" else "alq", stage=stage, recipe=recipe,
-                        finished=False, **extra)
+                        finished=False, flags=stage_flags(self.args, stage), **extra)
 
     def evaluate(self, net, which):
         loader = self.val_loader if which == "val" else self.test_loader
@@ -486,6 +542,7 @@ def pretrain(st, make_optimizer, lr_schedule, epochs):
     best_acc = None
     if args.resume and os.path.exists(rpath):
         ck = load_checkpoint(rpath, what="pretrain resume file")
+        check_stage_flags(ck, args, "PRETRAIN", rpath, log)
         load_net_state(net, ck, rpath, "--model_ori")
         optimizer.load_state_dict(ck["optimizer_state_dict"])
         start, best_acc = int(ck["epoch"]), float(ck["best_acc"])
@@ -567,6 +624,7 @@ def alq(st):
     M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
     if args.resume and os.path.exists(rpath):
         rck = load_checkpoint(rpath, what="ALQ resume file")
+        check_stage_flags(rck, args, "ALQ", rpath, log)
         check_stage_input(rck, "model_ori_sha256", args.model_ori, "--model_ori", f"the ALQ resume file {rpath}")
         ori_sha, ident = rck.get("model_ori_sha256"), rck.get(IDENTITY_KEY) or st.ident("ALQ", None)
         params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
@@ -651,6 +709,7 @@ def posttrain(st):
     sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
     if args.resume and os.path.exists(rpath):
         rck = load_checkpoint(rpath, what="POSTTRAIN resume file")
+        check_stage_flags(rck, args, "POSTTRAIN", rpath, log)
         check_stage_input(rck, "model_sha256", args.model, "--model", f"the POSTTRAIN resume file {rpath}")
         model_sha, ident = rck.get("model_sha256"), rck.get(IDENTITY_KEY) or st.ident("POSTTRAIN", None)
         params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
@@ -804,13 +863,15 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
         if flag and name in links:
             log.info(f"== {name} output: {out} (linked from {links[name]} when the stage finishes)")
         if flag and args.resume and is_finished(out):
+            check_stage_flags(load_checkpoint(out), args, name, out, log)
             if name in inputs:                    # a finished stage built on an input re-created since is stale
                 check_stage_input(load_checkpoint(out), *inputs[name][:2], inputs[name][2],
                                   f"the finished {name} output {out}")
             log.info(f"== {name}: already finished ({out}), skipped (--resume) ==")
             ran.append(name)
         elif flag:
-            log.info(f"== {name} ==")
+            log.info(f"== {name} (seed {stage_seed(args.seed, name)} from --seed {args.seed}) ==")
+            seed_everything(stage_seed(args.seed, name), deterministic=True)
             t0 = time.time()
             try:
                 fn(st)
@@ -832,6 +893,9 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     ck, _, _, params_bin = load_quantized(src, net, not args.fix_sign_flip)
     posttrained = str(ck.get("stage", "")).startswith("POSTTRAIN")
     setting = "ALQ" if posttrained else "ALQ-before-POSTTRAIN"
+    switches = [f"--{k}" for k in _SWITCHES[1:] if getattr(args, k, False)]
+    if switches:                                  # not the published behaviour: never pooled with the ALQ row
+        setting += " " + " ".join(switches)
     ident = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
     recipe = (ident or {}).get("recipe")
     if not ck.get("finished"):                    # a half-finished stage output is never the final result
