@@ -148,13 +148,14 @@ def seed_stats(group):
     by_seed = {}
     for rec in sorted(group, key=lambda r: str(r.get("timestamp", ""))):
         if rec.get("seed") is not None and rec.get("run_dir"):
-            by_seed[rec["seed"]] = rec["value"]
-    vals = list(by_seed.values())
+            by_seed[rec["seed"]] = rec
+    vals = [r["value"] for r in by_seed.values()]
     if len(vals) < 2:
         return None
     mean = sum(vals) / len(vals)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))  # sample std (n-1)
-    return {"mean": mean, "std": std, "min": min(vals), "max": max(vals), "n": len(vals)}
+    return {"mean": mean, "std": std, "min": min(vals), "max": max(vals), "n": len(vals),
+            "runs": [by_seed[k] for k in sorted(by_seed, key=str)]}
 
 
 def best_record(candidates, published_split=None):
@@ -379,6 +380,41 @@ def table_cells(result):
         [measured_row(r) for r in result.get("shortened", [])]
 
 
+def seed_runs(result):
+    """The runs behind seed statistics, one row per (model, dataset, setting, origin, seed) with every metric
+    of that run side by side and, where the records carry it (ALQ), each layer's bits:
+    ([metrics], [{'key', 'seed', 'values': {metric: value}, 'layer_bits', 'run_dir'}])."""
+    runs, metrics = {}, []
+    for entry in result["rows"]:
+        for origin in ("reference", "local"):
+            rec = entry[origin]
+            if not rec or not rec.get("_seeds"):
+                continue
+            for r in rec["_seeds"]["runs"]:
+                k = (r.get("model"), r.get("dataset"), r.get("setting"), origin, r.get("seed"))
+                row = runs.setdefault(k, {"key": k, "seed": r.get("seed"), "values": {}, "layer_bits": None,
+                                          "run_dir": r.get("run_dir")})
+                row["values"][r["metric"]] = r["value"]
+                row["layer_bits"] = row["layer_bits"] or (r.get("extra") or {}).get("layer_bits")
+                if r["metric"] not in metrics:
+                    metrics.append(r["metric"])
+    return metrics, [runs[k] for k in sorted(runs, key=lambda k: tuple(map(str, k)))]
+
+
+SEED_RUNS_TITLE = "runs behind the seed statistics (mean ±std above):"
+
+
+def seed_run_cells(result):
+    metrics, rows = seed_runs(result)
+    if not rows:
+        return None, []
+    header = ("model", "dataset", "setting", "from", "seed") + tuple(metrics) + ("bits per layer", "run")
+    cells = [row["key"][:4] + (row["seed"],) + tuple(fmt(row["values"].get(m)) for m in metrics)
+             + (" ".join(f"{n} {b:g}" for n, b in (row["layer_bits"] or {}).items()) or "-", row["run_dir"])
+             for row in rows]
+    return header, cells
+
+
 def text_table(header, rows):
     rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
@@ -423,6 +459,9 @@ def format_text(result):
     cmds = commands_of(result)
     if cmds:
         out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
+    header, cells = seed_run_cells(result)
+    if cells:
+        out += ["", SEED_RUNS_TITLE, text_table(header, cells)]
     if measured_only:
         out += ["", "measured only (no published counterpart):", text_table(MEASURED_HEADER, measured_only)]
     if shortened:
@@ -454,6 +493,9 @@ def format_markdown(results):
         cmds = commands_of(result)
         if cmds:
             out += ["Commands and run directories:", ""] + [f"- `{c}`" for c in cmds] + [""]
+        header, cells = seed_run_cells(result)
+        if cells:
+            out += [f"**{SEED_RUNS_TITLE[0].upper()}{SEED_RUNS_TITLE[1:-1]}:**", "", md_table(header, cells), ""]
         out += ["**Measured only** (no published counterpart):", ""]
         out += [md_table(MEASURED_HEADER, measured_only) if measured_only else "_none_", ""]
         if shortened:
@@ -494,8 +536,27 @@ def chart_groups(result):
             label += f" [{readable(result['paper'], short_source(p['source']))[:40]}]"
         if differs:
             label += f"\n(published on {p['split']}, measured on {rec.get('split')})"
-        per_metric.setdefault(p["metric"], []).append((label, p["value"], rec["value"], _se_of(rec), differs))
+        seeds = [r["value"] for r in (rec.get("_seeds") or {}).get("runs", [])]
+        per_metric.setdefault(p["metric"], []).append((label, p["value"], rec["value"], _se_of(rec), differs,
+                                                       seeds))
     return per_metric, not_measured
+
+
+def layer_rows(result):
+    """[(label, {layer: bits})] of every run behind a paired row whose records carry per-layer bits (ALQ)."""
+    _, rows = seed_runs(result)
+    out = [(f"{r['key'][0]} {r['key'][2]} seed {r['seed']} ({r['key'][3]})", r["layer_bits"]) for r in rows
+           if r["layer_bits"]]
+    if not out:                                   # one run per setting: its paired record
+        seen = set()
+        for e in result["rows"]:
+            rec = e["record"]
+            bits = (rec or {}).get("extra", {}).get("layer_bits") if rec else None
+            k = rec and (rec.get("model"), rec.get("setting"), rec.get("seed"), rec.get("_origin"))
+            if bits and k not in seen:
+                seen.add(k)
+                out.append((f"{k[0]} {k[1]} seed {k[2]} ({k[3]})", bits))
+    return out
 
 
 def plot_paper(result, path):
@@ -508,6 +569,9 @@ def plot_paper(result, path):
 
     per_metric, not_measured = chart_groups(result)
     panels = [(m, label) for m, label in CHART_METRICS if per_metric.get(m)]
+    layers = layer_rows(result) if panels else []
+    if layers:
+        panels.append(("layer_bits", "bits per weight of each layer, per run"))
     if not panels:
         fig, ax = plt.subplots(figsize=(7, 1.6))
         ax.axis("off")
@@ -517,23 +581,30 @@ def plot_paper(result, path):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return {"bars": 0, "panels": [], "not_measured": not_measured}
-    n = max(len(per_metric[m]) for m, _ in panels)
+    n = max([len(per_metric[m]) for m, _ in panels if m in per_metric] + [len(layers)])
     height = 1.8 + 0.5 * n
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 3.5, height), squeeze=False)
     for ax, (metric, xlabel) in zip(axes[0], panels):
+        if metric == "layer_bits":
+            _plot_layers(ax, layers, xlabel)
+            continue
         groups = per_metric[metric]
-        hi = max(max(g[1], g[2] + (g[3] or 0)) for g in groups)
-        for y, (label, pub, rep, err, differs) in enumerate(groups):
+        hi = max(max(g[1], g[2] + (g[3] or 0), *g[5]) for g in groups)
+        for y, (label, pub, rep, err, differs, seeds) in enumerate(groups):
             ax.barh(y - 0.2, pub, 0.4, color="tab:blue")
             ax.text(pub, y - 0.2, f" {fmt(pub)}", va="center", fontsize=7)
             ax.barh(y + 0.2, rep, 0.4, color="tab:orange", hatch="//" if differs else None, edgecolor="white",
                     xerr=err, error_kw={"elinewidth": 1, "capsize": 2})
             ax.text(rep + (err or 0), y + 0.2, f" {fmt(rep)}", va="center", fontsize=7)
+            if seeds:                             # each seed's run as a dot on its mean
+                ax.plot(seeds, [y + 0.2] * len(seeds), "k.", markersize=4)
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g[0] for g in groups], fontsize=7)
         ax.set_ylim(len(groups) - 0.4, -0.6)
         ax.set_xlim(0, (100.0 if metric == "top1" else hi) * 1.12)    # axes from zero: no exaggerated gaps
-        ax.set_xlabel(xlabel + ("; error bar = 1 s.e." if metric == "top1" else ""), fontsize=8)
+        seeded = any(g[5] for g in groups)
+        ax.set_xlabel(xlabel + ("; error bar = 1 s.e." if metric == "top1" and not seeded else "")
+                      + ("; several seeds: mean, ±1 std, dots = runs" if seeded else ""), fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange"),
                plt.Rectangle((0, 0), 1, 1, facecolor="tab:orange", hatch="//", edgecolor="white")]
     labels = ["published", "measured", "measured on another split than published"]
@@ -544,7 +615,25 @@ def plot_paper(result, path):
     fig.savefig(path, dpi=100)
     drawn = [(metric, tuple(ax.get_xlim())) for ax, (metric, _) in zip(axes[0], panels)]
     plt.close(fig)
-    return {"bars": sum(len(per_metric[m]) for m, _ in panels), "panels": drawn, "not_measured": not_measured}
+    return {"bars": sum(len(per_metric.get(m, [])) for m, _ in panels), "panels": drawn,
+            "not_measured": not_measured, "layer_runs": len(layers)}
+
+
+def _plot_layers(ax, layers, xlabel):
+    """Grouped horizontal bars: one group per run, one bar per layer, axis from zero."""
+    names = list(dict.fromkeys(n for _, bits in layers for n in bits))
+    h = 0.8 / max(len(names), 1)
+    for y, (label, bits) in enumerate(layers):
+        for i, name in enumerate(names):
+            v = bits.get(name)
+            if v is not None:
+                ax.barh(y - 0.4 + h * (i + 0.5), v, h, color=f"C{i + 2}", label=name if y == 0 else None)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([label for label, _ in layers], fontsize=7)
+    ax.set_ylim(len(layers) - 0.4, -0.6)
+    ax.set_xlim(0, max(v for _, bits in layers for v in bits.values()) * 1.12)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
 
 
 # ----------------------------------------------------------------------------- main

@@ -138,7 +138,7 @@ def test_split_difference_is_marked_in_the_chart():
     r = dict(model="resnet10", dataset="mnist", setting="W4A4", metric="top1", value=98.7, split="test",
              n_samples=10000, recipe=FULL, timestamp="2026-01-01T00:00:00")
     groups, _ = compare.chart_groups(compare.compare_paper("apot", records=[r], reference=[]))
-    (label, _, _, _, differs), *_ = groups["top1"]
+    (label, _, _, _, differs, _), *_ = groups["top1"]
     assert differs and "published on train, measured on test" in label
 
 
@@ -157,3 +157,26 @@ def test_results_md_cites_only_what_users_can_read(tmp_path):
     for internal in ("seed README", "Seed README", "notes §", "originals-", "../shared", "reference/dambq/logs"):
         assert internal not in md, internal
     assert "README of github.com/zqu1992/ALQ" in md
+
+
+def test_seed_runs_are_listed_with_their_layer_bits_and_drawn(tmp_path):
+    # issue 14: compare shows mean/std/min-max/n of each metric plus each run's per-layer bit split, in the
+    # table and in the chart
+    def alq(metric, v, seed, bits):
+        return {"paper": "alq", "model": "lenet5", "dataset": "mnist", "split": "test" if metric == "top1" else "n/a",
+                "setting": "ALQ", "metric": metric, "value": v, "n_samples": 10000, "seed": seed,
+                "run_dir": f"/runs/alq/lenet5-seed{seed}", "timestamp": f"2026-01-0{seed}T00:00:00",
+                "recipe": {"full": True, "summary": "full"}, "command": "lenet5.py", "commit": "abc",
+                "extra": {"layer_bits": {"conv1": 2.0, "conv2": 0.1 * seed, "fc1": bits, "fc2": 1.0}}}
+    records = [alq(m, v, s, fc1) for s, fc1, top1, bits in ((1, 0.45, 99.1, 0.52), (2, 0.40, 99.0, 0.47))
+               for m, v in (("top1", top1), ("avg_bits", bits))]
+    res = compare.compare_paper("alq", records=records, reference=[])
+    text = compare.format_text(res)
+    assert "0.495 ±0.04 (0.47-0.52, n=2 seeds)" in text           # mean of 0.52/0.47, sample std 0.0354
+    runs = text.split(compare.SEED_RUNS_TITLE)[1].splitlines()
+    seed2 = next(line for line in runs if "/runs/alq/lenet5-seed2" in line).split()
+    assert seed2[:8] == ["lenet5", "mnist", "ALQ", "local", "2", "0.47", "99.0", "conv1"]   # metrics in published order
+    assert "conv2 0.2 fc1 0.4 fc2 1" in " ".join(seed2)
+    drawn = compare.plot_paper(res, str(tmp_path / "alq.png"))
+    assert drawn["layer_runs"] == 2 and drawn["panels"][-1][0] == "layer_bits"
+    assert all(lo == 0 for _, (lo, _) in drawn["panels"])           # every axis from zero
