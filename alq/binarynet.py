@@ -14,10 +14,19 @@ Group structures (as in the original code):
     channelwise     conv: (K, 1, M, C_in*kh*kw) one group per output channel
     subchannelwise  fc:   (out, S, M, in/S)     S consecutive slices of each row
 """
+import os
+
 import torch
 
 REL_NORM_THRES = 1e-6
 STRUCTURES = ("channelwise", "kernelwise", "pixelwise", "subchannelwise")
+
+
+def reference_mode():
+    """True when QUANTLAB_ALQ_REFERENCE is set (not empty or 0): every step takes the straightforward reference
+    path (`optimize_bin_basis` + `speedup` + the slot-by-slot reconstruction) instead of the fused fast path.
+    Both give the same tensors bit for bit (tests/test_alq_speed.py); the switch exists to check that."""
+    return os.environ.get("QUANTLAB_ALQ_REFERENCE", "") not in ("", "0")
 
 
 def construct_bit_table(bit, device=None):
@@ -146,7 +155,7 @@ def nearest_code(target, alpha, bit_table):
     uv, order = torch.sort(torch.where(start, sv, inf), dim=1, stable=True)
     ucode = torch.gather(perm, 1, order)
     nuniq = start.sum(1, keepdim=True)
-    C = int(nuniq.max())  # pruned coordinates collapse many values: search only the unique ones
+    C = max(int(nuniq.max()), 2)  # pruned coordinates collapse many values: search only the unique ones
     uv, ucode = uv[:, :C].contiguous(), ucode[:, :C].contiguous()
     pos = torch.searchsorted(uv, t)  # (G, n): index of the first unique value >= t
     base = torch.arange(G, device=t.device).unsqueeze(1) * C
@@ -167,6 +176,81 @@ def nearest_code(target, alpha, bit_table):
         g = risky.nonzero().view(-1)
         code[g] = torch.argmin(torch.abs(t[g].unsqueeze(1) - values[g].unsqueeze(2)), dim=1)
     return code.reshape(*lead, n)
+
+
+def _code_dtype(M):
+    """Smallest dtype holding the codes 0 .. 2^M - 1 (uint8 up to M = 8)."""
+    return torch.uint8 if M <= 8 else torch.int16 if M <= 15 else torch.int32
+
+
+def _nearest_code_fast(t, values):
+    """`nearest_code` for t (G, n) and the groups' values (G, C), C = 2^M: codes (G, n) in `_code_dtype(M)`.
+
+    Same selection as `nearest_code` (see there for why comparing the two neighbours is exact), but branch-free:
+    equal values are not removed but each sorted position carries the lowest code of its run of equal values,
+    and the position p = max{q : sorted[q] < t} (or 0) comes from a fixed log2(C)-level binary search written
+    as gathers and compares over many weights at once (`_search_rows`) instead of torch.searchsorted. On the
+    CPU the weights go in chunks of about 2^16 so that the passes stay in cache. Host syncs: one `any()` per call
+    for the (rare) groups that need the dense recomputation.
+    """
+    G, C = values.shape
+    n = t.size(1)
+    dev = t.device
+    inf = float("inf")
+    sv, perm = torch.sort(values, dim=1, stable=True)  # equal values keep ascending code order
+    new = torch.ones_like(sv, dtype=torch.bool)
+    new[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    first = torch.where(new, torch.arange(C, device=dev), 0).cummax(1).values  # where each run of equal values starts
+    low = torch.gather(perm, 1, first)  # the lowest code with that value
+    W = C + 1  # one +inf column after the values, so position p + 1 always exists
+    U = sv.new_full((G, W), inf)
+    U[:, :C] = sv
+    code_t = torch.zeros((G, W), dtype=_code_dtype(C.bit_length() - 1), device=dev)
+    code_t[:, :C] = low
+    hi_wins_tie = torch.zeros((G, W), dtype=torch.bool, device=dev)  # sorted[p], sorted[p+1] equally far
+    hi_wins_tie[:, :C - 1] = low[:, 1:] < low[:, :-1]
+    code = torch.empty((G, n), dtype=code_t.dtype, device=dev)
+    rows = G if dev.type == "cuda" else max(1, 2 ** 16 // n)
+    for g0 in range(0, G, rows):
+        g1 = min(G, g0 + rows)
+        code[g0:g1] = _search_rows(U, code_t, hi_wins_tie, t[g0:g1], g0)
+    # groups where float rounding could make a farther value tie: recompute densely (as `nearest_code`)
+    gaps = torch.where(new[:, 1:], sv[:, 1:] - sv[:, :-1], inf).amin(1)
+    t_min, t_max = torch.aminmax(t, dim=1)
+    scale = torch.maximum(t_min.abs(), t_max.abs()) + torch.maximum(sv[:, 0].abs(), sv[:, -1].abs())
+    risky = (gaps <= torch.clamp(scale * 2.0 ** -22, min=2.0 ** -126)) | ~torch.isfinite(scale)
+    if risky.any():
+        g = risky.nonzero().view(-1)
+        code[g] = torch.argmin(torch.abs(t[g].unsqueeze(1) - values[g].unsqueeze(2)), dim=1).to(code.dtype)
+    return code
+
+
+def _search_rows(U, code_t, hi_wins_tie, t, g0):
+    """Codes of the targets t (rows, n) of groups g0, g0 + 1, ...: p = max{q : U[q] < t} (or 0) by binary search
+    (idx += s where U[idx + s] < t, s = C/2 ... 1), then U[p + 1] if it is nearer (or as near with a lower code)."""
+    G, W = U.shape
+    rows = t.size(0)
+    idt = torch.int32 if G * W < 2 ** 31 else torch.int64
+    Uf, tf = U.view(-1), t.reshape(-1)
+    s = (W - 1) // 2
+    base = torch.arange(g0, g0 + rows, device=t.device, dtype=idt).unsqueeze(1) * W
+    idx = torch.add(base, U[g0:g0 + rows, s:s + 1] < t, alpha=s).view(-1)  # first level: one pivot per group
+    s //= 2
+    while s >= 1:
+        idx.add_(Uf[s:].index_select(0, idx) < tf, alpha=s)
+        s //= 2
+    d_lo = tf - Uf.index_select(0, idx)  # negative only when t is below every value (then p = 0 is right)
+    d_hi = Uf[1:].index_select(0, idx) - tf  # U[p + 1] >= t
+    pick_hi = d_hi < d_lo
+    pick_hi |= (d_hi == d_lo).logical_and_(hi_wins_tie.view(-1).index_select(0, idx))
+    return code_t.view(-1).index_select(0, idx.add_(pick_hi)).view_as(t)
+
+
+def nearest_code_fast(target, alpha, bit_table):
+    """Same result as `nearest_code` / `nearest_code_dense` (codes (..., n) int64), by `_nearest_code_fast`."""
+    lead, n = target.shape[:-1], target.shape[-1]
+    values = representable_values(alpha, bit_table).reshape(-1, bit_table.size(0))
+    return _nearest_code_fast(target.reshape(-1, n), values).long().reshape(*lead, n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,20 +286,21 @@ class BinaryLayer:
         if init:
             self.B, self.alpha, self.mask = self.structured_sketch()
 
-    # B is kept as int8; its float copy is cached for the matmuls until B changes
+    # B is kept as int8; its float copy (for the matmuls) and its codes (for the reconstruction) are cached until B
+    # is set again or modified in place (tensor version counter)
     @property
     def B(self):
         return self._B
 
     @B.setter
     def B(self, value):
-        self._B, self._Bf = value, None
+        self._B, self._Bf, self._code = value, None, None
 
     @property
     def Bf(self):
-        if self._Bf is None:
-            self._Bf = self._B.float()
-        return self._Bf
+        if self._Bf is None or self._Bf[1] != self._B._version:  # B modified in place: convert again
+            self._Bf = (self._B.float(), self._B._version)
+        return self._Bf[0]
 
     # --- grouping -----------------------------------------------------------------------------------
     def _group_shape(self):
@@ -277,15 +362,65 @@ class BinaryLayer:
                 mask.reshape(d0, d1, self.max_bit, 1).to(self.device))
 
     # --- reconstruction -----------------------------------------------------------------------------
-    def reconstruct_w(self):
+    def reconstruct_w(self, reference=None):
         """w_hat = sum_j B_j * alpha_j * mask_j, summed slot by slot in a fixed order (so a model rebuilt from
-        only its valid slots, as the packed export does, is bit-identical); -0.0 is normalised to +0.0."""
+        only its valid slots, as the packed export does, is bit-identical); -0.0 is normalised to +0.0.
+
+        Fast path (unless `reference` or QUANTLAB_ALQ_REFERENCE): the same sum is formed once per code of a
+        group (2^M values) and every weight reads its code's value; same float operations, same result."""
+        code = None if (reference_mode() if reference is None else reference) else self._codes()
+        if code is not None:
+            return self._reconstruct_from_code(code)
         coef = self.alpha * self.mask.float()
         Bf = self.Bf
         acc = torch.zeros(self.group_shape, device=Bf.device)
         for j in range(self.max_bit):
             acc = acc + Bf[:, :, j, :] * coef[:, :, j, :]
         return self.from_groups(acc + 0.0)
+
+    def _table_form(self):
+        """Whether a weight's column of B is worth reading through its code: codes fit uint8 and a group's 2^M
+        values are no more than its n weights."""
+        return self.max_bit <= 8 and 2 ** self.max_bit <= self.group_size
+
+    def _codes(self):
+        """(d0, d1, n) uint8 codes of the columns of B (bit j set where B_j > 0), or None where the table form does
+        not apply: shapes (`_table_form`) or a valid slot of B not +-1 (a code has two states per slot; masked
+        slots do not matter, their coefficient is 0). Cached with B; rechecked when the mask was modified."""
+        if not self._table_form():
+            return None
+        if self._code is None or not self._code_current(self._code[1]):
+            code = None
+            if bool(((self._B.abs() == 1) | ~self.mask).all()):  # one host sync per change of B or mask
+                code = torch.zeros(self.group_shape, dtype=torch.uint8, device=self._B.device)
+                for j in range(self.max_bit):
+                    code.bitwise_or_((self._B[:, :, j, :] > 0).to(torch.uint8) << j)
+            self._code = (code, self._code_key())
+        return self._code[0]
+
+    def _code_key(self):
+        return self.mask, self.mask._version, self._B._version
+
+    def _code_current(self, key):
+        """Whether codes cached under `key` still describe B: same mask object, neither modified in place."""
+        return key[0] is self.mask and key[1:] == self._code_key()[1:]
+
+    def _reconstruct_from_code(self, code):
+        """`reconstruct_w` through codes (d0, d1, n): the value of every code of a group is summed with the
+        reference's operations in the reference's order, then gathered. The terms B_j alpha_j mask_j are
+        -coef_j / +coef_j for bit j of the code clear / set (0 in masked slots: the sign of a zero term never
+        shows, the sum starts at +0); the sums over slots 0..j are shared by the codes that agree in bits 0..j."""
+        d0, d1, n = self.group_shape
+        G, M, C = d0 * d1, self.max_bit, 2 ** self.max_bit
+        maskf = self.mask.float().view(G, M)
+        coef = self.alpha.view(G, M) * maskf
+        minus, plus = -maskf * coef, maskf * coef  # B_j * coef_j with B_j = -1, +1
+        acc = torch.zeros((G, 1), device=coef.device)
+        for j in range(M):  # column c holds the sum for the codes c (mod 2^(j+1))
+            acc = torch.cat([acc + minus[:, j:j + 1], acc + plus[:, j:j + 1]], dim=1)
+        acc = acc + 0.0
+        base = torch.arange(G, device=code.device, dtype=torch.int32).view(d0, d1, 1) * C
+        return self.from_groups(acc.view(-1).index_select(0, (base + code).view(-1)).view(d0, d1, n))
 
     def update_w_FP(self, w_FP_new=None):
         """STE: w_FP += w_FP_new (the shadow step); otherwise w_FP <- reconstruction."""
@@ -347,6 +482,13 @@ class BinaryLayer:
         flip: also flip the basis of a negated coordinate. The original loses that flip in the basis/STE steps
         (B is a non-contiguous view there, except when n == 1 or M == 1); legacy_sign_flip reproduces it.
         """
+        neg, flip = self._least_squares(pseudo_grad, pseudo_hessian, flip)
+        if flip:
+            self.B = torch.where(neg, -self.B, self.B)
+        return True
+
+    def _least_squares(self, pseudo_grad, pseudo_hessian, flip=None):
+        """`speedup` up to the basis flip: sets alpha; returns (neg (d0, d1, M, 1), whether to flip those bases)."""
         Bf = self.Bf
         ph = self.to_groups(pseudo_hessian).unsqueeze(-2)  # (d0, d1, 1, n)
         revised_grad_w = self.to_groups(-pseudo_hessian * self.w_FP + pseudo_grad).unsqueeze(-1)
@@ -356,15 +498,46 @@ class BinaryLayer:
         bad = info != 0
         if bad.any():  # identical bases in a group make H singular (the original crashes): pseudo-inverse there
             inv[bad] = torch.linalg.pinv(revised_hessian[bad])
-        self.alpha = -torch.matmul(inv, torch.matmul(Bf, revised_grad_w))
-        self.alpha *= self.mask.float()
-        neg = self.alpha < 0
-        self.alpha[neg] *= -1
+        alpha = -torch.matmul(inv, torch.matmul(Bf, revised_grad_w))
+        alpha *= self.mask.float()
+        neg = alpha < 0
+        self.alpha = torch.where(neg, -alpha, alpha)  # = alpha[neg] *= -1 (exact), without a host sync
         if flip is None:
             flip = not self.legacy_sign_flip or self.max_bit == 1 or self.group_size == 1
+        return neg, flip
+
+    def basis_step(self, pseudo_grad, pseudo_hessian, ste=False):
+        """One basis step fused: `optimize_bin_basis`, `speedup`, then w_FP <- reconstruction (ste: w_FP -= pg/ph,
+        the shadow step). Same tensors bit for bit as those calls (tests/test_alq_speed.py), faster: the code
+        search of `_nearest_code_fast`, B written from the codes with integer ops, the reconstruction read from
+        the codes. Returns the weight for the network (the reconstruction)."""
+        d0, d1, n = self.group_shape
+        M = self.max_bit
+        target = self.to_groups(self.w_FP - pseudo_grad / pseudo_hessian)
+        values = representable_values(self.alpha, self.bit_table).reshape(d0 * d1, -1)
+        code = _nearest_code_fast(target.reshape(d0 * d1, n), values).view(d0, d1, 1, n)
+        if M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots (int8 throughout)
+            m8 = self.mask.to(torch.int8)
+            shifts = torch.arange(M, dtype=torch.int8, device=code.device).view(M, 1)
+            self.B = (code.view(torch.int8) >> shifts).bitwise_and_(1).mul_(m8 * 2).sub_(m8)
+        else:
+            self.B = self.bit_table[code.squeeze(2).long()].transpose(2, 3).contiguous() * self.mask.to(torch.int8)
+        neg, flip = self._least_squares(pseudo_grad, pseudo_hessian)
+        code = code.view(d0, d1, n)
         if flip:
             self.B = torch.where(neg, -self.B, self.B)
-        return True
+            bits = (neg.view(d0, d1, M).to(torch.int64) << torch.arange(M, device=code.device)).sum(-1)
+            code = code ^ bits.to(code.dtype).unsqueeze(-1)  # a flipped basis flips that bit of every code
+        if self._table_form():
+            self._code = (code, self._code_key())
+            w = self._reconstruct_from_code(code)
+        else:
+            w = self.reconstruct_w(reference=True)
+        if ste:
+            self.w_FP.add_(-pseudo_grad / pseudo_hessian)
+        else:
+            self.w_FP = w
+        return w
 
     # --- checkpoint form: tensors and primitives only ---------------------------------------------------
     def state_dict(self):

@@ -21,12 +21,15 @@ import random
 import torch
 from torch.optim.optimizer import Optimizer
 
+from binarynet import reference_mode
+from legacy_sort import legacy_argsort
+
 
 class ALQ_optimizer(Optimizer):
     """params: the quantized weight tensors (same order as the BinaryLayer list given to step)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 legacy_importance_index=True):
+                 legacy_importance_index=True, legacy_tie_order=True):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -38,6 +41,7 @@ class ALQ_optimizer(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.legacy_importance_index = legacy_importance_index
+        self.legacy_tie_order = legacy_tie_order  # PyTorch 1.3's CPU quicksort order among equal deltas
 
     @staticmethod
     def _amsgrad(state, suffix, grad, group):
@@ -104,14 +108,17 @@ class ALQ_optimizer(Optimizer):
 
                 else:  # 'basis' or 'ste'
                     pg, ph = self._amsgrad(state, "", grad, group)
-                    p_bin.optimize_bin_basis(pg, ph)
-                    p_bin.speedup(pg, ph)
-                    if mode == "basis":
-                        p_bin.update_w_FP()
-                        self._copy_to_param(p, p_bin.w_FP)
+                    if reference_mode():  # the straightforward form; basis_step gives the same tensors
+                        p_bin.optimize_bin_basis(pg, ph)
+                        p_bin.speedup(pg, ph)
+                        if mode == "basis":
+                            p_bin.update_w_FP()
+                            self._copy_to_param(p, p_bin.w_FP)
+                        else:
+                            p_bin.update_w_FP(-pg / ph)
+                            self._copy_to_param(p, p_bin.reconstruct_w())
                     else:
-                        p_bin.update_w_FP(-pg / ph)
-                        self._copy_to_param(p, p_bin.reconstruct_w())
+                        self._copy_to_param(p, p_bin.basis_step(pg, ph, ste=mode == "ste"))
                     # alpha-domain statistics re-projected from the w domain (approximation of the original)
                     state["step_alpha"] += 1
                     state["exp_avg_alpha"] = p_bin.construct_grad_alpha(state["exp_avg"])
@@ -128,7 +135,10 @@ class ALQ_optimizer(Optimizer):
         if not importance:
             return
         importance_list = torch.cat(importance, 0)
-        sorted_ind = torch.argsort(importance_list[:, -1], stable=True)
+        if self.legacy_tie_order:  # the original's torch.argsort on a CPU tensor in PyTorch 1.3 (legacy_sort.py)
+            sorted_ind = legacy_argsort(importance_list[:, -1])
+        else:  # equal deltas keep layer order, then each layer's own ranking
+            sorted_ind = torch.argsort(importance_list[:, -1], stable=True)
         num_prune = int(sorted_ind.numel() * M_p)
         list_prune = importance_list[sorted_ind[:num_prune], :]
         for i, (p_bin, p) in enumerate(zip(params_bin, group["params"])):

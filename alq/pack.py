@@ -1,4 +1,5 @@
-"""A quantized network that really is small: bit-packed export/import, and the paper's storage figure.
+"""A quantized network that really is small: bit-packed export/import, and the weight-storage figure
+(inferred from the published numbers, not taken from the paper's text: DEVIATIONS.md, "Storage figure").
 
 File layout (little-endian, every section byte-aligned; no pickled objects):
     b"ALQPACK1"  uint32 header length  JSON header (architecture, layer shapes/structures, FP tensor list)
@@ -25,32 +26,42 @@ MAGIC = b"ALQPACK1"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Storage as the paper counts it
+# Weight storage. The README's results table has a "Weight Storage" column (22.7KB for LeNet5 at 0.40 bit);
+# the paper's text defining it could not be read here, so the count below is INFERRED from the published
+# rows and the original code, not paper-defined (DEVIATIONS.md, "Storage figure", has the arithmetic).
+
+COORD_BITS = 32  # the original keeps every coordinate as a float32 (binarynet.py: alpha is torch.float32)
+KB = 1024        # bytes; with 32-bit coordinates LeNet5's 0.40 bit / 22.7 KB is reachable only with 1024-byte KB
 
 
-def storage_bits(params_bin, coord_bits=32):
-    """Weight storage in bits: every binary basis costs one bit per weight of its group and every coordinate a
-    32-bit float, over all quantized layers (first and last included); FP biases/BN are not weight storage.
-
-    The paper reports this "weight storage" next to the average bitwidth (Qu et al., CVPR 2020, Sec. 4,
-    Tables 1-4; README "Weight Storage"). The paper's text could not be consulted while this was written;
-    the definition is the one consistent with its numbers (see DEVIATIONS.md, "Storage figure").
-    """
+def storage_bits(params_bin, coord_bits=COORD_BITS):
+    """Inferred weight storage in bits: each valid basis of a group of n weights costs n bits (one per weight)
+    plus one coordinate of coord_bits; summed over all quantized layers, first and last included. Not counted:
+    pruned slots, the number of bases of each group (the packed file's counts), biases and BN."""
     return sum(p.num_bin_filter * (p.group_size + coord_bits) for p in params_bin)
 
 
-KB = 1024  # bytes; with 32-bit coordinates LeNet5's 0.40 bit / 22.7 KB is only attainable in 1024-byte KB
-
-
 def storage_KB(params_bin):
+    """The recorded `storage_KB`: storage_bits with 32-bit coordinates, in 1024-byte KB."""
     return storage_bits(params_bin) / 8 / KB
 
 
+def basis_count_bits(params_bin):
+    """What a decoder also needs and storage_bits leaves out: ceil(log2(M+1)) bits per group for its k_g."""
+    return sum(p.num_groups * _bits_per_count(p.max_bit) for p in params_bin)
+
+
 def storage_breakdown(params_bin):
-    """Binary bases and coordinates separately, in KB (1024 bytes)."""
+    """The parts of storage_KB and the variants the published rows leave open, for a record's `extra`."""
+    bases = sum(p.num_bin_filter * p.group_size for p in params_bin)
     k = sum(p.num_bin_filter for p in params_bin)
-    return {"bases_KB": sum(p.num_bin_filter * p.group_size for p in params_bin) / 8 / KB,
-            "coordinates_KB": k * 4 / KB, "num_coordinates": k,
+    return {"storage_definition": "inferred, not paper-defined: bases 1 bit/weight + 32-bit coordinates, "
+                                  "1 KB = 1024 bytes (alq/DEVIATIONS.md, Storage figure)",
+            "bases_bits": bases, "num_coordinates": k, "num_groups": sum(p.num_groups for p in params_bin),
+            "bases_KB": bases / 8 / KB, "coordinates_KB": k * COORD_BITS / 8 / KB,
+            "storage_KB_16bit_coordinates": storage_bits(params_bin, 16) / 8 / KB,
+            "storage_kB_1000": storage_bits(params_bin) / 8 / 1000,
+            "basis_counts_KB": basis_count_bits(params_bin) / 8 / KB,
             "fp32_weights_KB": sum(p.num_weight for p in params_bin) * 4 / KB}
 
 

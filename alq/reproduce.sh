@@ -5,7 +5,7 @@
 #   DATA=/path/to/mnist-root   folder holding MNIST/raw (default ../shared/data if present, else ./data,
 #                              where torchvision downloads MNIST if the network allows)
 #   SEEDS="1 2 3"              seeds to run (default 1); each is the whole recipe (PRETRAIN, ALQ, POSTTRAIN)
-#   VARIANT=legacy_tie_order   run the ALQ and POSTTRAIN stages again with --<VARIANT> (legacy_tie_order,
+#   VARIANT=stable_tie_order   run the ALQ and POSTTRAIN stages again with --<VARIANT> (stable_tie_order,
 #                              fix_importance_index, fix_sign_flip) on each seed's finished PRETRAIN model;
 #                              recorded under the setting "ALQ --<VARIANT>", never pooled with the ALQ row
 #   RESUME=0                   start from scratch (default 1: continue a killed run, skip finished stages)
@@ -25,8 +25,8 @@ export OMP_NUM_THREADS="${ALQ_THREADS:-1}" MKL_NUM_THREADS="${ALQ_THREADS:-1}"
 RESUME_FLAG=(--resume)
 if [ "${RESUME:-1}" != 1 ]; then RESUME_FLAG=(--overwrite); fi
 case "${VARIANT:-}" in
-    ""|legacy_tie_order|fix_importance_index|fix_sign_flip) ;;
-    *) echo "reproduce-alq: VARIANT=$VARIANT is not one of legacy_tie_order, fix_importance_index, fix_sign_flip" >&2
+    ""|stable_tie_order|fix_importance_index|fix_sign_flip) ;;
+    *) echo "reproduce-alq: VARIANT=$VARIANT is not one of stable_tie_order, fix_importance_index, fix_sign_flip" >&2
        exit 2 ;;
 esac
 

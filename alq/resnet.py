@@ -1,7 +1,10 @@
 """ALQ on ResNet18/34 / ILSVRC12 (Qu et al., CVPR 2020):
 
     python resnet.py --PRETRAIN --DOWNLOAD --ALQ --POSTTRAIN --net resnet18 --data /PATH/TO/ILSVRC12
+    torchrun --nproc_per_node=N resnet.py --PRETRAIN --ALQ --POSTTRAIN --net resnet18 --data ...   # N GPUs (DDP)
 
+Under torchrun --batch_size (and --workers) is the total over the N processes, as the original's DataParallel
+split each batch over the GPUs.
 Published (README): ResNet18 2.00 bits, 3.44 MB, 70.0 %; ResNet34 2.00 bits, 6.37 MB, 73.6 % (top-1 on val).
 --data holds train/<wnid>/*.JPEG and val/ either as class folders or flat (val/ILSVRC2012_val_*.JPEG, then
 --val_labels names the ground-truth file). --DOWNLOAD takes torchvision's FP weights (--model_ori_urls).
@@ -43,11 +46,15 @@ def fill_net_defaults(args):
     return args
 
 
+def data_transforms():
+    """(train, test) transforms of the original: RandomResizedCrop(224) + flip; Resize(256) + CenterCrop(224)."""
+    return (transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                transforms.ToTensor(), NORMALIZE]),
+            transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), NORMALIZE]))
+
+
 def make_loaders(args):
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), NORMALIZE])
-    test_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                  NORMALIZE])
+    train_tf, test_tf = data_transforms()
     train_full = imagenet(args.data, "train", train_tf)
     test_set = imagenet(args.data, "val", test_tf, val_labels=args.val_labels)
     val_idx, train_idx = split_indices(len(train_full), args.val_size, args.seed)
@@ -81,14 +88,15 @@ def make_pretrain_recipe(args):
     def run(st):
         if args.DOWNLOAD:
             net = st.build_net().to(st.device)
-            load_net_state(net, {"net_state_dict": download_weights(args.model_ori_urls)}, args.model_ori_urls,
-                           "--model_ori_urls")
+            weights = st.dist.main_first(lambda: download_weights(args.model_ori_urls))   # one download
+            load_net_state(net, {"net_state_dict": weights}, args.model_ori_urls, "--model_ori_urls")
             st.evaluate(net, "val")
             st.evaluate(net, "test")
             optimizer = torch.optim.SGD(net.parameters(), lr=0.4, nesterov=True, momentum=0.9, weight_decay=1e-4)
             ident = st.ident("PRETRAIN", recipe_info(note="torchvision's pretrained weights (--DOWNLOAD), as the "
                                                           "README's commands"))
-            save_model_ori(args.model_ori, net, optimizer, finished=True, quantlab=dict(ident, finished=True))
+            if st.dist.main:
+                save_model_ori(args.model_ori, net, optimizer, finished=True, quantlab=dict(ident, finished=True))
             return
         # from scratch, following https://openreview.net/pdf?id=S1gSj0NKvB as the original does
 

@@ -9,6 +9,7 @@ Stage recipe (Qu et al., CVPR 2020, Alg. 1 and Sec. 4; schedule as in the origin
              coordinate steps (x0.9 per epoch); the best-validation model is kept.
 """
 import argparse
+import copy
 import hashlib
 import math
 import os
@@ -16,12 +17,13 @@ import signal
 import time
 
 import torch
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from binarynet import STRUCTURES, average_bitwidth, make_binary_layers, split_parameters
 from common import interrupt, runs
 from common.checks import check_range, check_results_writable, check_writable_dir, check_writable_file
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from common.device import get_device, get_rng_state, seed_everything, set_rng_state
+from common.device import get_rng_state, seed_everything, set_rng_state, setup_distributed
 from common.errors import UserError
 from common.identity import IDENTITY_KEY, identity, sha256_file
 from common.meters import progress
@@ -39,20 +41,29 @@ TOPK = (1, 5)
 class TensorLoader:
     """Batches of in-memory tensors. `images` (N, ...) uint8/float, `targets` (N,) int64; `transform` maps a
     batch of images to network input (e.g. ToTensor+Normalize, vectorised). Shuffles with the global torch
-    RNG (seeded), keeps the last partial batch like DataLoader(drop_last=False)."""
+    RNG (seeded), keeps the last partial batch like DataLoader(drop_last=False). Under torchrun `Dist.shard`
+    sets `dist`: this process then reads its share of every batch (`Dist.share`)."""
 
     def __init__(self, images, targets, batch_size, shuffle=False, transform=None):
         self.images, self.targets = images, torch.as_tensor(targets)
         self.batch_size, self.shuffle, self.transform = batch_size, shuffle, transform
+        self.dist = None
+
+    def _per_process(self):
+        return self.batch_size if self.dist is None else self.batch_size // self.dist.world
 
     def __len__(self):
-        return math.ceil(len(self.targets) / self.batch_size)
+        n = len(self.targets) if self.dist is None else self.dist.share_len(len(self.targets), self.shuffle)
+        return math.ceil(n / self._per_process())
 
     def __iter__(self):
         n = len(self.targets)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
+        if self.dist is not None:
+            order = self.dist.share(order, self.shuffle)
+        bs = self._per_process()
+        for i in range(0, len(order), bs):
+            idx = order[i:i + bs]
             x = self.images[idx]
             yield (self.transform(x) if self.transform is not None else x), self.targets[idx]
 
@@ -74,6 +85,226 @@ def num_samples(loader):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Several processes (torchrun --nproc_per_node=N): DistributedDataParallel where the original used DataParallel
+
+
+class Dist:
+    """This process among those of a torchrun job (common.device.setup_distributed: nccl with a GPU per process,
+    gloo on the CPU otherwise); `Dist()` is a single-process run, for which every method is a no-op.
+
+    Every process holds the whole ALQ state (bases, coordinates, masks, both optimizers) and updates it from the
+    same all-reduced gradients (DistributedDataParallel averages every parameter's gradient, the quantized
+    weights' included, before the step) and the same seeded pruning draws, so the state stays identical in every
+    process; `check_sync` asserts it after every epoch. Rank 0 alone writes checkpoints, logs and records."""
+
+    def __init__(self, enabled=False, rank=0, world=1, device=None):
+        self.enabled, self.rank, self.world = enabled, rank, world
+        self.device = device if device is not None else torch.device("cpu")
+        self.main = rank == 0
+        self.checks = 0
+
+    @classmethod
+    def start(cls):
+        return cls(*setup_distributed())
+
+    @property
+    def quiet(self):
+        """Progress bars: only rank 0's."""
+        return True if not self.main else None
+
+    def close(self):
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # --- collectives (tensors travel on this process's device: nccl takes CUDA tensors only) ----------------
+    def sum(self, t):
+        """`t` summed over the processes (a new tensor where `t` was)."""
+        if not self.enabled:
+            return t
+        d = t.to(self.device, copy=True)
+        torch.distributed.all_reduce(d)
+        return d.to(t.device)
+
+    def broadcast(self, t):
+        """Rank 0's `t`, in every process."""
+        if not self.enabled:
+            return t
+        d = t.to(self.device, copy=True)
+        torch.distributed.broadcast(d, 0)
+        return d.to(t.device)
+
+    def max(self, v):
+        if not self.enabled:
+            return v
+        t = torch.tensor([int(v)], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def any(self, flag):
+        return bool(self.max(bool(flag)))
+
+    def gather(self, obj):
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier(**({"device_ids": [self.device.index]} if self.device.type == "cuda" else {}))
+
+    def from_main(self, fn):
+        """fn() run by rank 0 alone (the run directory, the output checks): its result, or its UserError, in
+        every process, so that all stop with the same line."""
+        if not self.enabled:
+            return fn()
+        box = [None, None]
+        if self.main:
+            try:
+                box[0] = fn()
+            except UserError as e:
+                box[1] = str(e)
+        torch.distributed.broadcast_object_list(box, 0)
+        if box[1] is not None:
+            raise UserError(box[1])
+        return box[0]
+
+    def main_first(self, fn):
+        """fn() in rank 0 first (a download, a cache), then in the other processes."""
+        if not self.enabled:
+            return fn()
+        out = []
+        self.from_main(lambda: out.append(fn()))
+        return out[0] if self.main else fn()
+
+    # --- data ---------------------------------------------------------------------------------------------
+    def share_len(self, n, shuffle):
+        return -(-n // self.world) if shuffle else len(range(self.rank, n, self.world))
+
+    def share(self, order, shuffle):
+        """This process's share of an epoch's sample order. Training (shuffle): rank 0's order, padded with its
+        first indices to a multiple of the processes (as DistributedSampler) and dealt out round robin, so that
+        batch t of all processes together is batch t of a single process with the same --batch_size.
+        Evaluation: every sample exactly once (no padding; the counts are summed)."""
+        if not shuffle:
+            return order[self.rank::self.world]
+        order = self.broadcast(order)             # the same order everywhere, however each process drew its own
+        total = self.share_len(len(order), True) * self.world
+        if total > len(order):
+            order = order.repeat(-(-total // len(order)))[:total]
+        return order[self.rank:total:self.world]
+
+    def shard(self, loader):
+        """The loader this process reads: its share of every batch; --batch_size and --workers are totals over
+        the processes (the original's DataParallel split each batch of --batch_size over the GPUs)."""
+        if not self.enabled:
+            return loader
+        if isinstance(loader, TensorLoader):
+            mine = copy.copy(loader)
+            mine.dist = self
+            return mine
+        shuffle = isinstance(loader.sampler, RandomSampler)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size // self.world,
+                          sampler=ShardSampler(len(loader.dataset), self, shuffle),
+                          num_workers=-(-loader.num_workers // self.world), pin_memory=loader.pin_memory,
+                          collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+
+    # --- model and state ----------------------------------------------------------------------------------
+    def wrap(self, net):
+        """The module to train through: DistributedDataParallel (gradients averaged over the processes during
+        backward; BN buffers sent from rank 0 before each forward), or `net` itself."""
+        if not self.enabled:
+            return net
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def settle(self, net, params_bin=(), where="epoch"):
+        """After a training epoch: every process takes rank 0's BN running statistics (each updated its own from
+        its share of the last batch; DataParallel kept those of the first GPU's replica), then check_sync."""
+        if not self.enabled:
+            return
+        for b in net.buffers():
+            torch.distributed.broadcast(b, 0)
+        self.check_sync(net, params_bin, where)
+
+    def check_sync(self, net, params_bin=(), where="epoch"):
+        """Stop every process when they no longer hold the same weights, bases, coordinates and masks: two
+        float64 sums per tensor (one weighted by position), compared with rank 0's."""
+        if not self.enabled:
+            return
+        named = [("net." + k, p) for k, p in net.named_parameters()]
+        named += [(f"{pb.name}.{k}", getattr(pb, k)) for pb in params_bin for k in ("mask", "B", "alpha", "w_FP")]
+        mine = torch.stack([_checksum(t) for _, t in named])
+        ref = self.broadcast(mine)
+        differs = ~((ref == mine) | (ref.isnan() & mine.isnan())).all(1)
+        if self.any(differs.any()):
+            first = named[int(differs.nonzero()[0, 0])][0] if differs.any() else None
+            raise RuntimeError(f"after {where} the {self.world} processes no longer hold the same ALQ state ("
+                               + (f"rank {self.rank} differs from rank 0 first in {first}" if first else
+                                  f"rank {self.rank} agrees with rank 0, another rank does not")
+                               + "): the all-reduced gradients or the seeded draws differed between processes")
+        self.checks += 1
+
+    def rng_fields(self, **states):
+        """Checkpoint fields for the RNG `states` of this process: {key: rank 0's} plus, under torchrun,
+        {key_ranks: every process's} (a collective), so that each process resumes its own streams."""
+        if not self.enabled:
+            return dict(states)
+        everyone = self.gather(states)
+        out = dict(everyone[0])
+        out.update({k + "_ranks": [e[k] for e in everyone] for k in states})
+        return out
+
+    def own(self, ck, key):
+        """This process's RNG state `key` of a checkpoint written with rng_fields."""
+        ranks = ck.get(key + "_ranks")
+        if self.enabled and isinstance(ranks, list) and len(ranks) == self.world:
+            return ranks[self.rank]
+        return ck[key]
+
+
+def _checksum(t, chunk=1 << 22):
+    v = t.detach().reshape(-1)
+    s = torch.zeros(2, dtype=torch.float64, device=v.device)
+    for i in range(0, v.numel(), chunk):
+        c = v[i:i + chunk].double()
+        w = torch.arange(i, i + c.numel(), dtype=torch.float64, device=c.device).remainder_(1009).add_(1)
+        s += torch.stack([c.sum(), (c * w).sum()])
+    return s
+
+
+class ShardSampler(Sampler):
+    """`Dist.share` as a DataLoader sampler. Training: the order a single process's DataLoader(shuffle=True) draws
+    (a RandomSampler seeded from the global torch RNG at the same point of the stream), rank 0's everywhere."""
+
+    def __init__(self, n, dist, shuffle):
+        self.n, self.dist, self.shuffle = n, dist, shuffle
+
+    def __len__(self):
+        return self.dist.share_len(self.n, self.shuffle)
+
+    def __iter__(self):
+        order = (torch.tensor(list(RandomSampler(range(self.n))), dtype=torch.int64) if self.shuffle
+                 else torch.arange(self.n))
+        return iter(self.dist.share(order, self.shuffle).tolist())
+
+
+class QuietLog:
+    """The run log of the processes other than rank 0: they print and write nothing."""
+
+    def info(self, msg):
+        pass
+
+    def scalar(self, tag, value, step):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
 # One pass over a loader
 
 
@@ -85,14 +316,143 @@ def _count_correct(output, target, correct):
         correct[i] += hit[:k].reshape(-1).float().sum().item()
 
 
-def run_epoch(net, loader, loss_func, device, step=None, train=True, desc=None):
+class EpochStats:
+    """Running loss and top-k counts of one pass. One process: the mean of the batch losses, as before. Under
+    torchrun each process keeps its part of every batch (loss x samples, samples), and the parts are summed over
+    the processes at the end, so the figures are those of the whole batches and of the whole evaluation set."""
+
+    def __init__(self, dist):
+        self.dist = dist
+        self.loss, self.batches, self.total, self.correct = 0.0, 0, 0, [0.0] * len(TOPK)
+        self.loss_n, self.n = [], []
+
+    def add(self, loss, outputs, labels):
+        _count_correct(outputs, labels, self.correct)
+        self.total += labels.size(0)
+        if self.dist.enabled:
+            self.loss_n.append(loss.item() * labels.size(0))
+            self.n.append(labels.size(0))
+        else:
+            self.loss += loss.item()
+        self.batches += 1
+
+    def _summed(self):
+        """([loss x samples; samples] per batch (2, T), [correct top-k..., samples]), summed over the processes."""
+        T = self.dist.max(len(self.n))
+        per = torch.zeros(2, T, dtype=torch.float64)
+        per[0, :len(self.n)] = torch.tensor(self.loss_n, dtype=torch.float64)
+        per[1, :len(self.n)] = torch.tensor(self.n, dtype=torch.float64)
+        tot = torch.tensor(self.correct + [float(self.total)], dtype=torch.float64)
+        return self.dist.sum(per), self.dist.sum(tot)
+
+    def state(self):
+        """The statistics so far, for a resumable checkpoint (under torchrun summed: a collective)."""
+        if not self.dist.enabled:
+            return {"loss": self.loss, "batches": self.batches, "total": self.total, "correct": list(self.correct)}
+        per, tot = self._summed()
+        return {"per_batch": per, "batches": self.batches, "total": int(tot[-1]), "correct": tot[:-1].tolist()}
+
+    def load(self, s):
+        self.batches = int(s["batches"])
+        if not self.dist.enabled:
+            self.loss, self.total, self.correct = float(s["loss"]), int(s["total"]), [float(c) for c in s["correct"]]
+        elif self.dist.main:                      # rank 0 carries the sums so far, the other processes zeros
+            self.loss_n, self.n = s["per_batch"][0].tolist(), s["per_batch"][1].tolist()
+            self.total, self.correct = int(s["total"]), [float(c) for c in s["correct"]]
+        else:
+            self.loss_n, self.n = [0.0] * s["per_batch"].size(1), [0.0] * s["per_batch"].size(1)
+
+    def result(self):
+        """{'loss', 'top1', 'top5', 'n'} (accuracies in percent); under torchrun a collective."""
+        if not self.dist.enabled:
+            return {"loss": self.loss / max(self.batches, 1), "top1": 100.0 * self.correct[0] / max(self.total, 1),
+                    "top5": 100.0 * self.correct[1] / max(self.total, 1), "n": self.total}
+        per, tot = self._summed()
+        loss, batches = 0.0, 0
+        for ln, n in zip(per[0].tolist(), per[1].tolist()):
+            if n > 0:
+                loss, batches = loss + ln / n, batches + 1
+        total = int(tot[-1])
+        return {"loss": loss / max(batches, 1), "top1": 100.0 * tot[0].item() / max(total, 1),
+                "top5": 100.0 * tot[1].item() / max(total, 1), "n": total}
+
+
+class Interruptible:
+    """Stop and resume a stage's training epochs at a batch (issue 9). While a signal is pending
+    (common.interrupt: SIGINT/SIGTERM inside `interrupt.armed()`), the epoch stops after the current batch (under
+    torchrun at the same batch in every process: the flag is all-reduced after each batch) and rank 0 writes the
+    stage's resume file `path` with `save(**state)`: what the stage writes after an epoch, plus the batch index,
+    the RNG states that drew this epoch's sample order (`epoch_rng`) and those of now (`rng`: torch, CUDA, python
+    `random` that draws the pruning counts, numpy) and the running statistics. Given such a file (`resume`), the
+    stage's first epoch regenerates the same order, passes over the batches done, restores the RNG states and
+    statistics and goes on, so the stage ends exactly as if it had not stopped (same machine)."""
+
+    def __init__(self, st, path, save, resume=None):
+        self.st, self.path, self.save, self.where = st, path, save, "epoch"
+        self.resume = resume if isinstance(resume, dict) and int(resume.get("batch", 0) or 0) > 0 else None
+
+    @property
+    def mid_epoch(self):
+        """True until the stopped epoch resumes: its learning rates are in the saved optimizers already."""
+        return self.resume is not None
+
+    def take(self):
+        r, self.resume = self.resume, None
+        return r
+
+    def requested(self):
+        return self.st.dist.any(interrupt.requested() is not None)
+
+    def stop(self, batch, of, epoch_rng, stats):
+        dist = self.st.dist
+        state = dict(batch=batch, world=dist.world, stats=stats.state(),
+                     **dist.rng_fields(epoch_rng=epoch_rng, rng=get_rng_state()))
+        where = f"{self.where} batch {batch}/{of}"
+        if dist.main:
+            self.save(**state)
+            self.st.log.info(f"{where}: stopped by a signal, resumable checkpoint saved to {self.path}")
+            self.st.log.flush()
+        dist.barrier()                             # the file is complete before any process exits
+        self._raise(f"{where}: resumable checkpoint saved to {self.path}; rerun the same command with --resume "
+                    f"to continue from that batch")
+
+    def epoch_end(self):
+        """After the epoch's resume file is written: stop there if a signal came during its last batch or its
+        evaluation."""
+        if self.requested():
+            self._raise(f"{self.where} finished and its resume file {self.path} is saved; rerun the same command "
+                        f"with --resume to continue after it")
+
+    @staticmethod
+    def _raise(msg):
+        try:
+            interrupt.stop(msg)
+        except interrupt.Interrupted as e:
+            e.saved = True                        # run_pipeline passes the message on as it is
+            raise
+
+
+def run_epoch(net, loader, loss_func, device, step=None, train=True, desc=None, dist=None, ctl=None):
     """Forward every batch; with `step` (a callable run after backward) the parameters are updated.
     `train` sets the module mode (BN batch statistics); pruning updates in eval mode, as the original.
+    `dist`: the processes of a torchrun job (statistics summed over them); `ctl`: the stage's Interruptible
+    (stop after a batch with a resumable checkpoint; resume a stopped epoch at its batch).
     Returns {'loss', 'top1', 'top5', 'n'} (accuracies in percent)."""
+    dist = dist if dist is not None else Dist()
     net.train(train)
-    total_loss, batches, total, correct = 0.0, 0, 0, [0.0] * len(TOPK)
+    stats = EpochStats(dist)
+    resume = ctl.take() if ctl is not None else None
+    skip = int(resume["batch"]) if resume is not None else 0
+    if resume is not None:
+        set_rng_state(dist.own(resume, "epoch_rng"))   # the RNG state that drew this epoch's sample order
+        stats.load(resume["stats"])
+    epoch_rng = get_rng_state() if ctl is not None else None
     with torch.set_grad_enabled(step is not None):
-        for inputs, labels in progress(loader, desc=desc, total=len(loader)):
+        for b, (inputs, labels) in enumerate(progress(loader, desc=desc, total=len(loader), disable=dist.quiet)):
+            if b < skip:                          # done before the stop: same batches, same draws, not rerun
+                if b == skip - 1:
+                    set_rng_state(dist.own(resume, "rng"))
+                continue
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if step is not None:
                 net.zero_grad(set_to_none=True)
@@ -101,23 +461,21 @@ def run_epoch(net, loader, loss_func, device, step=None, train=True, desc=None):
             if step is not None:
                 loss.backward()
                 step()
-            _count_correct(outputs.detach(), labels, correct)
-            total += labels.size(0)
-            total_loss += loss.item()
-            batches += 1
-    return {"loss": total_loss / max(batches, 1), "top1": 100.0 * correct[0] / max(total, 1),
-            "top5": 100.0 * correct[1] / max(total, 1), "n": total}
+            stats.add(loss, outputs.detach(), labels)
+            if ctl is not None and ctl.requested():
+                ctl.stop(b + 1, len(loader), epoch_rng, stats)
+    return stats.result()
 
 
-def validate(net, loader, loss_func, device, desc="val"):
-    return run_epoch(net, loader, loss_func, device, train=False, desc=desc)
+def validate(net, loader, loss_func, device, desc="val", dist=None):
+    return run_epoch(net, loader, loss_func, device, train=False, desc=desc, dist=dist)
 
 
 test = validate
 
 
-def train_fullprecision(net, loader, loss_func, optimizer, device, desc="pretrain"):
-    return run_epoch(net, loader, loss_func, device, step=optimizer.step, desc=desc)
+def train_fullprecision(net, loader, loss_func, optimizer, device, desc="pretrain", **kw):
+    return run_epoch(net, loader, loss_func, device, step=optimizer.step, desc=desc, **kw)
 
 
 def _alq_step(optimizer_w, optimizer_b, parameters_w_bin, mode, pruning_rate=None):
@@ -127,27 +485,28 @@ def _alq_step(optimizer_w, optimizer_b, parameters_w_bin, mode, pruning_rate=Non
     return step
 
 
-def train_coordinate(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="coord"):
+def train_coordinate(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="coord",
+                     **kw):
     return run_epoch(net, loader, loss_func, device, _alq_step(optimizer_w, optimizer_b, parameters_w_bin,
-                                                               "coordinate"), desc=desc)
+                                                               "coordinate"), desc=desc, **kw)
 
 
-def train_basis(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="basis"):
+def train_basis(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="basis", **kw):
     return run_epoch(net, loader, loss_func, device, _alq_step(optimizer_w, optimizer_b, parameters_w_bin,
-                                                               "basis"), desc=desc)
+                                                               "basis"), desc=desc, **kw)
 
 
-def train_basis_STE(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="ste"):
+def train_basis_STE(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, device, desc="ste", **kw):
     return run_epoch(net, loader, loss_func, device, _alq_step(optimizer_w, optimizer_b, parameters_w_bin,
-                                                               "ste"), desc=desc)
+                                                               "ste"), desc=desc, **kw)
 
 
 def prune(net, loader, loss_func, optimizer_w, optimizer_b, parameters_w_bin, pruning_rate, device,
-          desc="prune"):
+          desc="prune", **kw):
     """One pruning epoch: one prune step per batch, in eval mode (BN running statistics), as the original."""
     return run_epoch(net, loader, loss_func, device,
                      _alq_step(optimizer_w, optimizer_b, parameters_w_bin, "coordinate", pruning_rate), train=False,
-                     desc=desc)
+                     desc=desc, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,6 +543,16 @@ def initialize(net, structure, num_subchannel, max_bit, legacy_sign_flip=True):
         for p, pb in zip(params_w, params_bin):
             p.copy_(pb.reconstruct_w())
     return params_w, params_b, params_bin
+
+
+def layer_bits(params_bin):
+    """{'conv1': bits, ..., 'fc1': bits, ...}: each quantized layer's average bits, named in network order."""
+    out, count = {}, {}
+    for p in params_bin:
+        kind = "fc" if p.structure == "subchannelwise" else "conv"
+        count[kind] = count.get(kind, 0) + 1
+        out[f"{kind}{count[kind]}"] = round(float(p.avg_bit), 4)
+    return out
 
 
 def bit_report(params_bin):
@@ -253,7 +622,8 @@ def load_quantized(path, net, legacy_sign_flip=True, what="quantized model", fla
 def make_alq_optimizers(params_w, params_b, args):
     optimizer_b = torch.optim.Adam(params_b, weight_decay=args.wd)
     optimizer_w = ALQ_optimizer(params_w, weight_decay=args.wd,
-                                legacy_importance_index=not args.fix_importance_index)
+                                legacy_importance_index=not args.fix_importance_index,
+                                legacy_tie_order=not args.stable_tie_order)
     return optimizer_w, optimizer_b
 
 
@@ -340,6 +710,9 @@ def alq_argparser(description, defaults, dataset_help):
                    help="apply the basis sign flip the original loses in basis/STE steps (DEVIATIONS.md)")
     g.add_argument("--fix_importance_index", action="store_true",
                    help="rank pruning candidates across layers by their true importance (DEVIATIONS.md)")
+    g.add_argument("--stable_tie_order", action="store_true",
+                   help="rank equal pruning deltas stably (layer order) instead of in the order the original's "
+                        "PyTorch 1.3 CPU sort gave them (DEVIATIONS.md)")
     g.add_argument("--val_no_aug", action="store_true",
                    help="validate without the training augmentation (the original validates with it)")
     g.add_argument("--log_dir", type=str, default=None,
@@ -381,6 +754,10 @@ def check_args(args):
         raise UserError(f"--train_limit must be >= 1, got {args.train_limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    world = int(os.environ.get("WORLD_SIZE") or 1)    # torchrun: --batch_size is the total over the processes
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} is the total batch of the {world} processes and must be a "
+                        f"multiple of {world}; pass --batch_size {max(world, args.batch_size // world * world)}")
     check_range("--pr", args.pr, lo=0, hi=1)
     check_range("--top_k", args.top_k, lo=0, hi=1)
     check_range("--val_size", args.val_size, lo=1)
@@ -447,12 +824,12 @@ STAGE_FLAGS = {
     "PRETRAIN": _DATA_FLAGS + ("pretrain_epochs",),
     "ALQ": _DATA_FLAGS + ("lr", "R", "epoch_prune", "epoch_basis", "ld_basis", "epoch_coord", "ld_coord", "wd",
                           "pr", "top_k", "structure", "subc", "max_bit", "fix_sign_flip", "fix_importance_index",
-                          "legacy_tie_order"),
+                          "stable_tie_order"),
     "POSTTRAIN": _DATA_FLAGS + ("lr", "wd", "post_epochs", "fix_sign_flip"),
 }
 
 
-_SWITCHES = ("val_no_aug", "fix_sign_flip", "fix_importance_index", "legacy_tie_order")   # store_true flags
+_SWITCHES = ("val_no_aug", "fix_sign_flip", "fix_importance_index", "stable_tie_order")   # store_true flags
 
 
 def stage_flags(args, stage):
@@ -509,13 +886,14 @@ def check_stage_input(ck, key, input_path, flag, what):
 
 
 class Stage:
-    """Shared context of a pipeline run: net factory, loaders, loss, device, log and args."""
+    """Shared context of a pipeline run: net factory, loaders, loss, device, log, args and the processes."""
 
-    def __init__(self, args, build_net, loaders, device, log, post_coord_lr=None, arch=None):
+    def __init__(self, args, build_net, loaders, device, log, post_coord_lr=None, arch=None, dist=None):
         self.args, self.build_net, self.device, self.log, self.arch = args, build_net, device, log, arch
         self.train_loader, self.val_loader, self.test_loader = loaders
         self.loss_func = torch.nn.CrossEntropyLoss().to(device)
         self.post_epochs, self.post_coord_lr = tuple(args.post_epochs), post_coord_lr
+        self.dist = dist if dist is not None else Dist()
 
     def fmt(self, s):
         return f"loss {s['loss']:.4f} top1 {s['top1']:.2f} top5 {s['top5']:.2f}"
@@ -528,48 +906,95 @@ class Stage:
 
     def evaluate(self, net, which):
         loader = self.val_loader if which == "val" else self.test_loader
-        s = validate(net, loader, self.loss_func, self.device, desc=which)
+        s = validate(net, loader, self.loss_func, self.device, desc=which, dist=self.dist)
         self.log.info(f"  {which}: {self.fmt(s)} ({s['n']} images)")
         return s
 
+    def interruptible(self, path, save, resume=None):
+        return Interruptible(self, path, save, resume)
+
+    def train_kw(self, ctl):
+        """run_epoch's keyword arguments for a training epoch of a stage."""
+        return {"dist": self.dist, "ctl": ctl}
+
+    def epoch_done(self, net, params_bin, where):
+        """After a training epoch, under torchrun: rank 0's BN statistics everywhere, identical state asserted."""
+        self.dist.settle(net, params_bin, where)
+
+    def stage_done(self, stage):
+        if self.dist.enabled:
+            self.log.info(f"  {stage}: the {self.dist.world} processes held the same weights, bases, coordinates and "
+                          f"masks after every epoch ({self.dist.checks} checks so far)")
+
+
+def check_resume_world(ck, dist, path):
+    """A stage stopped inside an epoch continues under the same number of processes (each process's RNG states
+    and its share of the batch are in the file)."""
+    was = int(ck.get("world", 1) or 1)
+    if int(ck.get("batch", 0) or 0) > 0 and was != dist.world:
+        raise UserError(f"{path} stopped inside an epoch of a run with {was} process(es), this one has {dist.world}; "
+                        f"resume it with {'python' if was == 1 else f'torchrun --nproc_per_node={was}'} and the same "
+                        f"flags, or rerun the stage with --overwrite")
+
+
+def _at_batch(ck):
+    return f" batch {int(ck['batch'])}" if int(ck.get("batch", 0) or 0) > 0 else ""
+
 
 def pretrain(st, make_optimizer, lr_schedule, epochs):
-    """Train the FP model; keep the best-validation one in --model_ori (and a resume file per epoch)."""
-    args, log = st.args, st.log
+    """Train the FP model; keep the best-validation one in --model_ori (and a resume file per epoch, or at the
+    batch where a signal stopped it)."""
+    args, log, dist = st.args, st.log, st.dist
     net = st.build_net().to(st.device)
     optimizer = make_optimizer(net)
     rpath, start = resume_path(args.model_ori), 0
-    best_acc = None
+    best_acc, ck = None, None
     if args.resume and os.path.exists(rpath):
         ck = load_checkpoint(rpath, what="pretrain resume file")
         check_stage_flags(ck, args, "PRETRAIN", rpath, log)
+        check_resume_world(ck, dist, rpath)
         load_net_state(net, ck, rpath, "--model_ori")
         optimizer.load_state_dict(ck["optimizer_state_dict"])
         start, best_acc = int(ck["epoch"]), float(ck["best_acc"])
-        set_rng_state(ck["rng"])
-        log.info(f"resuming PRETRAIN at epoch {start} (best val {best_acc:.2f})")
+        set_rng_state(dist.own(ck, "rng"))
+        log.info(f"resuming PRETRAIN at epoch {start}{_at_batch(ck)} (best val {best_acc:.2f})")
     ident = st.ident("PRETRAIN", stage_recipe(args, "PRETRAIN"))
     if best_acc is None:
         best_acc = st.evaluate(net, "val")["top1"]
-        save_model_ori(args.model_ori, net, optimizer, epoch=0, val_top1=best_acc, quantlab=ident)
+        if dist.main:
+            save_model_ori(args.model_ori, net, optimizer, epoch=0, val_top1=best_acc, quantlab=ident)
+    fwd = dist.wrap(net)
+    ctl = st.interruptible(rpath, lambda **kw: save_model_ori(rpath, net, optimizer, epoch=epoch, best_acc=best_acc,
+                                                              quantlab=ident, **kw), ck)
     eta = runs.ETA(epochs, start)
-    for epoch in range(start, epochs):
-        lr_schedule(optimizer, epoch)
-        t0 = time.time()
-        s = train_fullprecision(net, st.train_loader, st.loss_func, optimizer, st.device, desc=f"pretrain {epoch}")
-        log.info(f"pretrain epoch {epoch} lr {optimizer.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                 f"({time.time() - t0:.0f}s; stage {eta.line(epoch + 1)})")
-        v = st.evaluate(net, "val")["top1"]
-        log.scalar("pretrain/train_loss", s["loss"], epoch)
-        log.scalar("pretrain/val_top1", v, epoch)
-        log.flush()
-        if v > best_acc:
-            best_acc = v
-            save_model_ori(args.model_ori, net, optimizer, epoch=epoch + 1, val_top1=v, quantlab=ident)
-        save_model_ori(rpath, net, optimizer, epoch=epoch + 1, best_acc=best_acc, rng=get_rng_state(), quantlab=ident)
-    mark_finished(args.model_ori)
-    if os.path.exists(rpath):
-        os.remove(rpath)
+    with interrupt.armed():
+        for epoch in range(start, epochs):
+            if not ctl.mid_epoch:
+                lr_schedule(optimizer, epoch)
+            ctl.where = f"PRETRAIN epoch {epoch}"
+            t0 = time.time()
+            s = train_fullprecision(fwd, st.train_loader, st.loss_func, optimizer, st.device, desc=f"pretrain {epoch}",
+                                    **st.train_kw(ctl))
+            st.epoch_done(net, (), ctl.where)
+            log.info(f"pretrain epoch {epoch} lr {optimizer.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+                     f"({time.time() - t0:.0f}s; stage {eta.line(epoch + 1)})")
+            v = st.evaluate(net, "val")["top1"]
+            log.scalar("pretrain/train_loss", s["loss"], epoch)
+            log.scalar("pretrain/val_top1", v, epoch)
+            log.flush()
+            if v > best_acc:
+                best_acc = v
+                if dist.main:
+                    save_model_ori(args.model_ori, net, optimizer, epoch=epoch + 1, val_top1=v, quantlab=ident)
+            rng = dist.rng_fields(rng=get_rng_state())
+            if dist.main:
+                save_model_ori(rpath, net, optimizer, epoch=epoch + 1, best_acc=best_acc, quantlab=ident, **rng)
+            ctl.epoch_end()
+    if dist.main:
+        mark_finished(args.model_ori)
+        if os.path.exists(rpath):
+            os.remove(rpath)
+    st.stage_done("PRETRAIN")
     return best_acc
 
 
@@ -601,20 +1026,23 @@ def alq_schedule(args):
     return sched
 
 
-def resume_stage(rpath, net, args, legacy_flip, stage, num_steps, log):
-    """Continue a killed ALQ / POSTTRAIN stage from its per-epoch resume file (weights, both optimizers, RNG)."""
+def resume_stage(rpath, net, args, legacy_flip, stage, num_steps, log, dist=None):
+    """Continue a killed ALQ / POSTTRAIN stage from its resume file (weights, both optimizers, RNG; written after
+    an epoch or at the batch where a signal stopped it)."""
+    dist = dist if dist is not None else Dist()
     ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what=f"{stage} resume file")
+    check_resume_world(ck, dist, rpath)
     optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
     load_optimizers(ck, optimizer_w, optimizer_b, rpath)
     start, best_acc = int(ck["next"]), float(ck["best_acc"])
-    set_rng_state(ck["rng"])
-    log.info(f"resuming {stage} at step {start}/{num_steps}")
+    set_rng_state(dist.own(ck, "rng"))
+    log.info(f"resuming {stage} at step {start}/{num_steps}{_at_batch(ck)}")
     return params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc
 
 
 def alq(st):
     """Init by structured sketching, then R rounds of basis / coordinate / pruning epochs; saves --model."""
-    args, log, device = st.args, st.log, st.device
+    args, log, device, dist = st.args, st.log, st.device, st.dist
     legacy_flip = not args.fix_sign_flip
     net = st.build_net().to(device)
     rpath = resume_path(args.model)
@@ -622,13 +1050,14 @@ def alq(st):
     num_batches = math.ceil(num_samples(st.train_loader) / args.batch_size)
     # M_p: fraction of the candidates pruned per step so that ~pr of the alphas go per pruning (Sec. 3.3)
     M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
+    rck = None
     if args.resume and os.path.exists(rpath):
         rck = load_checkpoint(rpath, what="ALQ resume file")
         check_stage_flags(rck, args, "ALQ", rpath, log)
         check_stage_input(rck, "model_ori_sha256", args.model_ori, "--model_ori", f"the ALQ resume file {rpath}")
         ori_sha, ident = rck.get("model_ori_sha256"), rck.get(IDENTITY_KEY) or st.ident("ALQ", None)
         params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
-            resume_stage(rpath, net, args, legacy_flip, "ALQ", len(sched), log)
+            resume_stage(rpath, net, args, legacy_flip, "ALQ", len(sched), log, dist)
     else:
         ck = load_checkpoint(args.model_ori, what="full-precision model", flag="--model_ori")
         ori = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
@@ -651,69 +1080,85 @@ def alq(st):
         optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
         best_acc = st.evaluate(net, "val")["top1"]
         st.evaluate(net, "test")
-        save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-init", quantlab=ident,
-                   model_ori_sha256=ori_sha)
+        if dist.main:
+            save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-init", quantlab=ident,
+                       model_ori_sha256=ori_sha)
         start = 0
     opts = (optimizer_w, optimizer_b)
+    fwd = dist.wrap(net)
+    ctl = st.interruptible(rpath, lambda **kw: save_model(rpath, net, optimizer_w, optimizer_b, params_bin,
+                                                          stage="ALQ-resume", next=i, best_acc=best_acc,
+                                                          quantlab=ident, model_ori_sha256=ori_sha, **kw), rck)
     eta = runs.ETA(len(sched), start)
-    for i in range(start, len(sched)):
-        r, phase, e = sched[i]
-        if i == 0 or sched[i - 1][0] != r:  # every outer iteration restarts at --lr
-            set_lr(opts, args.lr)
-        t0 = time.time()
-        if phase == "basis":
-            scale_lr(opts, args.ld_basis)
-            s = train_basis(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
-                            desc=f"r{r} basis {e}")
-        elif phase == "coord":
-            scale_lr(opts, args.ld_coord)
-            s = train_coordinate(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
-                                 desc=f"r{r} coord {e}")
-        else:
-            s = prune(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
-                      device, desc=f"r{r} prune {e}")
-        log.info(f"ALQ r {r} {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                 f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
-        v = st.evaluate(net, "val")["top1"]
-        step = i + 1
-        log.scalar("alq/train_loss", s["loss"], step)
-        log.scalar("alq/val_top1", v, step)
-        log.scalar("alq/avg_bit", average_bitwidth(params_bin), step)
-        log.flush()
-        if phase == "prune":
-            best_acc = v  # the original resets best_acc after every pruning
-            log.info(bit_report(params_bin))
-            st.evaluate(net, "test")
-            save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", round=r, quantlab=ident,
-                       model_ori_sha256=ori_sha)
-        elif v > best_acc:
-            best_acc = v
-        save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-resume", next=step,
-                   best_acc=best_acc, rng=get_rng_state(), quantlab=ident, model_ori_sha256=ori_sha)
-    save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True, quantlab=ident,
-               model_ori_sha256=ori_sha)
-    if os.path.exists(rpath):
-        os.remove(rpath)
+    with interrupt.armed():
+        for i in range(start, len(sched)):
+            r, phase, e = sched[i]
+            if not ctl.mid_epoch:                 # (a resumed epoch's learning rates are in its optimizers)
+                if i == 0 or sched[i - 1][0] != r:  # every outer iteration restarts at --lr
+                    set_lr(opts, args.lr)
+                if phase != "prune":
+                    scale_lr(opts, args.ld_basis if phase == "basis" else args.ld_coord)
+            ctl.where = f"ALQ step {i + 1}/{len(sched)} (r {r} {phase} epoch {e})"
+            t0 = time.time()
+            kw = dict(desc=f"r{r} {phase} {e}", **st.train_kw(ctl))
+            if phase == "basis":
+                s = train_basis(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
+            elif phase == "coord":
+                s = train_coordinate(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
+                                     **kw)
+            else:
+                s = prune(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
+                          device, **kw)
+            st.epoch_done(net, params_bin, ctl.where)
+            log.info(f"ALQ r {r} {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+                     f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
+            v = st.evaluate(net, "val")["top1"]
+            step = i + 1
+            log.scalar("alq/train_loss", s["loss"], step)
+            log.scalar("alq/val_top1", v, step)
+            log.scalar("alq/avg_bit", average_bitwidth(params_bin), step)
+            log.flush()
+            if phase == "prune":
+                best_acc = v  # the original resets best_acc after every pruning
+                log.info(bit_report(params_bin))
+                st.evaluate(net, "test")
+                if dist.main:
+                    save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", round=r,
+                               quantlab=ident, model_ori_sha256=ori_sha)
+            elif v > best_acc:
+                best_acc = v
+            rng = dist.rng_fields(rng=get_rng_state())
+            if dist.main:
+                save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-resume", next=step,
+                           best_acc=best_acc, quantlab=ident, model_ori_sha256=ori_sha, **rng)
+            ctl.epoch_end()
+    if dist.main:
+        save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True, quantlab=ident,
+                   model_ori_sha256=ori_sha)
+        if os.path.exists(rpath):
+            os.remove(rpath)
+    st.stage_done("ALQ")
     return net, params_bin
 
 
 def posttrain(st):
     """STE basis steps with a full-precision shadow, then coordinate steps; keeps the best-validation model in
     --model_post. Loads the quantized model (--model) written by --ALQ, so it can run on its own."""
-    args, log, device = st.args, st.log, st.device
+    args, log, device, dist = st.args, st.log, st.device, st.dist
     legacy_flip = not args.fix_sign_flip
     net = st.build_net().to(device)
     out = model_post_path(args)
     rpath = resume_path(out)
     ste_epochs, coord_epochs = st.post_epochs
     sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
+    rck = None
     if args.resume and os.path.exists(rpath):
         rck = load_checkpoint(rpath, what="POSTTRAIN resume file")
         check_stage_flags(rck, args, "POSTTRAIN", rpath, log)
         check_stage_input(rck, "model_sha256", args.model, "--model", f"the POSTTRAIN resume file {rpath}")
         model_sha, ident = rck.get("model_sha256"), rck.get(IDENTITY_KEY) or st.ident("POSTTRAIN", None)
         params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
-            resume_stage(rpath, net, args, legacy_flip, "POSTTRAIN", len(sched), log)
+            resume_stage(rpath, net, args, legacy_flip, "POSTTRAIN", len(sched), log, dist)
     else:
         log.info(f"load quantized model {args.model} ...")
         ck, params_w, params_b, params_bin = load_quantized(args.model, net, legacy_flip)
@@ -736,40 +1181,51 @@ def posttrain(st):
         best_acc = st.evaluate(net, "val")["top1"]
         st.evaluate(net, "test")
         set_lr((optimizer_w, optimizer_b), args.lr)
-        save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=0, val_top1=best_acc,
-                   quantlab=ident, model_sha256=model_sha)
+        if dist.main:
+            save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=0,
+                       val_top1=best_acc, quantlab=ident, model_sha256=model_sha)
         start = 0
     opts = (optimizer_w, optimizer_b)
+    fwd = dist.wrap(net)
+    ctl = st.interruptible(rpath, lambda **kw: save_model(rpath, net, optimizer_w, optimizer_b, params_bin,
+                                                          stage="POSTTRAIN-resume", next=i, best_acc=best_acc,
+                                                          quantlab=ident, model_sha256=model_sha, **kw), rck)
     eta = runs.ETA(len(sched), start)
-    for i in range(start, len(sched)):
-        phase, e = sched[i]
-        t0 = time.time()
-        if phase == "ste":
-            scale_lr(opts, 0.95)
-            s = train_basis_STE(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
-                                desc=f"ste {e}")
-        else:
-            if e == 0 and st.post_coord_lr is not None:
-                set_lr(opts, st.post_coord_lr)
-            scale_lr(opts, 0.9)
-            s = train_coordinate(net, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device,
-                                 desc=f"post coord {e}")
-        log.info(f"POSTTRAIN {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                 f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
-        v = st.evaluate(net, "val")["top1"]
-        log.scalar("posttrain/train_loss", s["loss"], i + 1)
-        log.scalar("posttrain/val_top1", v, i + 1)
-        log.flush()
-        if v > best_acc:
-            best_acc = v
-            save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=i + 1, val_top1=v,
-                       quantlab=ident, model_sha256=model_sha)
-        save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN-resume", next=i + 1,
-                   best_acc=best_acc, rng=get_rng_state(), quantlab=ident, model_sha256=model_sha)
-    mark_finished(out)
-    if os.path.exists(rpath):
-        os.remove(rpath)
-    return out
+    with interrupt.armed():
+        for i in range(start, len(sched)):
+            phase, e = sched[i]
+            if not ctl.mid_epoch:                 # (a resumed epoch's learning rates are in its optimizers)
+                if phase == "coord" and e == 0 and st.post_coord_lr is not None:
+                    set_lr(opts, st.post_coord_lr)
+                scale_lr(opts, 0.95 if phase == "ste" else 0.9)
+            ctl.where = f"POSTTRAIN step {i + 1}/{len(sched)} ({phase} epoch {e})"
+            t0 = time.time()
+            kw = dict(desc=f"ste {e}" if phase == "ste" else f"post coord {e}", **st.train_kw(ctl))
+            train = train_basis_STE if phase == "ste" else train_coordinate
+            s = train(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
+            st.epoch_done(net, params_bin, ctl.where)
+            log.info(f"POSTTRAIN {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+                     f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
+            v = st.evaluate(net, "val")["top1"]
+            log.scalar("posttrain/train_loss", s["loss"], i + 1)
+            log.scalar("posttrain/val_top1", v, i + 1)
+            log.flush()
+            if v > best_acc:
+                best_acc = v
+                if dist.main:
+                    save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=i + 1,
+                               val_top1=v, quantlab=ident, model_sha256=model_sha)
+            rng = dist.rng_fields(rng=get_rng_state())
+            if dist.main:
+                save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN-resume", next=i + 1,
+                           best_acc=best_acc, quantlab=ident, model_sha256=model_sha, **rng)
+            ctl.epoch_end()
+    if dist.main:
+        mark_finished(out)
+        if os.path.exists(rpath):
+            os.remove(rpath)
+    st.stage_done("POSTTRAIN")
+    return net, params_bin
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -844,16 +1300,27 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     check_args(args)
     if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
         raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
-    run_dir = args.log_dir or alq_run_dir(arch, args.resume)
-    check_writable_dir(run_dir, "--log_dir" if args.log_dir else "QUANTLAB_RUNS")
-    links = place_outputs(args, run_dir)
-    check_outputs(args)
+    dist = Dist.start()                           # one process, or torchrun's (DistributedDataParallel)
+
+    def plan():                                   # rank 0 decides and checks the outputs; every process follows
+        run_dir = args.log_dir or alq_run_dir(arch, args.resume)
+        check_writable_dir(run_dir, "--log_dir" if args.log_dir else "QUANTLAB_RUNS")
+        links = place_outputs(args, run_dir)
+        check_outputs(args)
+        return run_dir, links, {k: getattr(args, k) for k in ("model_ori", "model", "model_post")}
+    run_dir, links, paths = dist.from_main(plan)
+    for k, v in paths.items():
+        setattr(args, k, v)
     seed_everything(args.seed, deterministic=True)      # resumed stages repeat uninterrupted ones (CUDA too)
-    device = get_device()
-    log = runs.start_run("alq", run_dir, args, seed=args.seed, device=device).log
+    device = dist.device
+    log = runs.start_run("alq", run_dir, args, seed=args.seed, device=device).log if dist.main else QuietLog()
+    if dist.enabled:
+        log.info(f"=> {dist.world} processes (DistributedDataParallel, {'nccl' if device.type == 'cuda' else 'gloo'}"
+                 f" on {device.type}): --batch_size {args.batch_size} in all, {args.batch_size // dist.world} per "
+                 f"process; --workers {args.workers} in all")
     interrupt.install()                           # SIGTERM stops like Ctrl-C: logs closed, resume file kept
-    loaders = make_loaders(args)
-    st = Stage(args, build_net, loaders, device, log, post_coord_lr, arch=arch)
+    loaders = tuple(dist.shard(loader) for loader in dist.main_first(lambda: make_loaders(args)))
+    st = Stage(args, build_net, loaders, device, log, post_coord_lr, arch=arch, dist=dist)
     inputs = {"ALQ": ("model_ori_sha256", args.model_ori, "--model_ori"),
               "POSTTRAIN": ("model_sha256", args.model, "--model")}
     ran, times = [], {}
@@ -876,17 +1343,21 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
             try:
                 fn(st)
             except KeyboardInterrupt as e:        # SIGINT/SIGTERM (common.interrupt): say what --resume continues
+                if getattr(e, "saved", False):    # the stage saved where it stopped and says so
+                    raise
                 rp = resume_path(out)
                 msg = (f"{name} stopped; --resume continues it from its last finished epoch ({rp})"
                        if os.path.exists(rp) else f"{name} stopped in its first epoch; --resume restarts that stage")
                 raise interrupt.Interrupted(msg, getattr(e, "signum", signal.SIGINT)) from None
+            dist.barrier()                        # rank 0's stage output is written before any process reads it
             times[name] = time.time() - t0
             ran.append(name)
             log.info(f"== {name} done in {times[name] / 60:.1f} min ==")
-            if name in links:                     # the original's documented path -> this run's file
+            if name in links and dist.main:       # the original's documented path -> this run's file
                 runs.link_latest(out, links[name], say=log.info)
     if ran == ["PRETRAIN"] and not args.export:
         runs.end_run()
+        dist.close()
         return
     src = _final_model(args, ran)
     net = build_net().to(device)
@@ -905,10 +1376,12 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     bits, skb = average_bitwidth(params_bin), storage_KB(params_bin)
     log.info(f"final quantized model {src} ({ck.get('stage')}):\n{bit_report(params_bin)}")
     extra = {"source": os.path.abspath(src), "stage": ck.get("stage"), "seed": args.seed, "KB": f"{KB} bytes",
-             **storage_breakdown(params_bin),
+             **storage_breakdown(params_bin), "layer_bits": layer_bits(params_bin),
              "stage_minutes": {k: round(v / 60, 2) for k, v in times.items()}}
+    if dist.enabled:
+        extra["world_size"] = dist.world
     packed_kb = None
-    if args.export:
+    if args.export and dist.main:                 # rank 0 writes and checks the file; all evaluate the model
         size = export_packed(args.export, arch, net, params_bin)
         net2 = build_net().to(device)
         load_packed(args.export, net2, arch=arch)
@@ -920,11 +1393,14 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
         if not same:
             raise RuntimeError(f"packed model {args.export} does not reproduce the network's outputs bit for bit")
         packed_kb = size / KB
-        log.info(f"exported {args.export}: {size} bytes = {packed_kb:.2f} KB on disk (paper-defined weight storage "
+        log.info(f"exported {args.export}: {size} bytes = {packed_kb:.2f} KB on disk (inferred weight storage "
                  f"{skb:.2f} KB); reloaded outputs are bit-identical")
         net = net2  # the numbers below are measured on the model rebuilt from the packed file
         extra["packed_file"] = os.path.abspath(args.export)
     s = st.evaluate(net, "test")
+    if not dist.main:
+        dist.close()
+        return
     log.info(f"RESULT {arch} {dataset} {setting}: top1 {s['top1']:.2f}%  avg bits {bits:.4f}  "
              f"storage {skb:.2f} KB" + (f"  packed file {packed_kb:.2f} KB" if packed_kb is not None else ""))
     pub = published(arch, dataset)
@@ -937,3 +1413,4 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     if packed_kb is not None:
         record("alq", arch, dataset, "n/a", setting, "packed_KB", packed_kb, n, extra=extra, recipe=recipe)
     runs.end_run()
+    dist.close()

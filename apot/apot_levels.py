@@ -229,15 +229,17 @@ class LevelProjector(torch.nn.Module):
 
     Built once per level set (shared by the modules as non-persistent buffers). The float32 bit pattern
     shifted right by 23 - m (sign, exponent and the top m mantissa bits, m = 4..10 as the level set needs:
-    6 for 5-bit APoT, 8 for 6-bit) indexes a cell directly; a cell holds a sorted level index K and
-    at most one exact decision threshold T (`_LevelTable`; NaN: none), and Pi(x) = vals[K + (x >= T)]:
+    6 for 5-bit APoT, 8 for 6-bit) indexes one of N cells directly; a cell holds at most one exact decision
+    threshold T (`_LevelTable`) and the two levels either side of it, and
+        Pi(x) = V[cell + N * (x < T)]        (x < T read off the sign bit of fl(x - T): integer ops, two gathers)
       - binades between the smallest threshold and 2: 2^m cells each;
       - below the smallest threshold: level 0; [2, 2^128): level 1;
       - inf and NaN: the first level of the given order (all distances inf/NaN: the argmin's first index);
       - negative x: level 0, except far out (|x| >= 2^17 or so for APoT) where fl(|x| + l) == |x| ties
         the small levels l with 0: the winner depends only on |x|'s binade and, through round-half-to-even,
-        the parity of its last bit. `signed=True` adds that parity term (one gather more); without it the
-        far-negative odd-parity inputs are out of the domain (the post-abs / post-clamp(0, 1) projections).
+        the parity of its last bit. `signed=True` adds that parity term (a second half of V, 2N more entries);
+        without it the far-negative odd-parity inputs are out of the domain (the post-abs / post-clamp(0, 1)
+        projections).
     Exact for every float32 input except finite x > 2 (the quantizers clamp to <= 1 first) and, unsigned,
     far-negative x. Other dtypes go through `nearest_level`. Buffers are non-persistent: no state_dict keys.
     """
@@ -252,30 +254,47 @@ class LevelProjector(torch.nn.Module):
         if not table.safe:
             raise ValueError("LevelProjector: level set too dense for exact decision thresholds")
         self.signed = signed
-        key = tuple(levels.tolist())                        # built once per level set, shared by the modules
+        key = (tuple(levels.tolist()), signed)              # built once per level set, shared by the modules
         if key not in _PROJECTOR_TABLES:
-            _PROJECTOR_TABLES[key] = _projector_tables(levels, vals, table.bounds[1:-1].numpy())
-        self.shift, cell_k, cell_t, parity = _PROJECTOR_TABLES[key]
-        self.offset = 1 << (31 - self.shift)
+            _PROJECTOR_TABLES[key] = _cell_tables(vals, signed, *_projector_tables(levels, vals,
+                                                                                   table.bounds[1:-1].numpy()))
+        self.shift, cell_t, cell_v = _PROJECTOR_TABLES[key]
+        self.cells = cell_t.numel()                         # N = 2^(32 - shift)
+        self.offset = self.cells // 2                       # cell = (bits >> shift) + N/2, in 0 .. N-1
+        self.parity_shift = self.cells.bit_length()         # (last bit) << log2(2N): the odd-parity half of V
         self.register_buffer("levels", levels, persistent=False)
         self.register_buffer("vals", vals, persistent=False)
-        self.register_buffer("cell_k", cell_k, persistent=False)
         self.register_buffer("cell_t", cell_t, persistent=False)
-        self.register_buffer("parity", parity if signed else None, persistent=False)
+        self.register_buffer("cell_v", cell_v, persistent=False)
 
     def forward(self, x):
         if x.dtype != torch.float32:
             return nearest_level(x, self.levels)
         flat = x.detach().reshape(-1)
         bits = flat.view(torch.int32)
-        cell = (bits >> self.shift).add_(self.offset)                              # 0 .. 2^(32 - shift) - 1
-        k = self.cell_k.index_select(0, cell).add_(flat >= self.cell_t.index_select(0, cell))  # NaN T: never
+        cell = (bits >> self.shift).add_(self.offset)
+        t = self.cell_t.index_select(0, cell)
+        below = torch.sub(flat, t, out=t).view(torch.int32)           # sign bit set iff x < T (T > 0, finite)
+        idx = below.bitwise_right_shift_(31).bitwise_and_(self.cells).add_(cell)    # cell + N * (x < T)
         if self.signed:
-            k.add_((bits & 1).mul_(self.parity.index_select(0, cell)))             # far negatives, odd last bit
-        return self.vals.index_select(0, k).view(x.shape)
+            idx.add_((bits & 1).bitwise_left_shift_(self.parity_shift))           # far negatives, odd last bit
+        return self.cell_v.index_select(0, idx).view(x.shape)
 
     def extra_repr(self):
-        return f"levels={self.vals.numel()}, cells={self.cell_k.numel()}, signed={self.signed}"
+        return f"levels={self.vals.numel()}, cells={self.cells}, signed={self.signed}"
+
+
+def _cell_tables(vals, signed, shift, cell_k, cell_t, parity):
+    """Runtime tables from (K, T, parity): T per cell (-inf: no threshold, both halves hold the same level) and
+    V = [level if x >= T | level if x < T] per cell, twice over when signed (even | odd last bit)."""
+    k = cell_k.long()
+    has_t = ~torch.isnan(cell_t)
+    halves = [vals[k + has_t.long()], vals[k]]                 # x >= T: the upper neighbour; x < T: K
+    if signed:
+        k_odd = k + parity.long()                              # parity cells have no threshold
+        halves += [vals[k_odd + has_t.long()], vals[k_odd]]
+    t = torch.where(has_t, cell_t, torch.tensor(-float("inf")))
+    return shift, t.contiguous(), torch.cat(halves).contiguous()
 
 
 def _f32(bits):

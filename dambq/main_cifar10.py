@@ -2,15 +2,19 @@
 
     python main_cifar10.py -a 'resnet20' --expr-name 'cifar10_resnet20_float'
     python main_cifar10.py -a 'resnet20' --expr-name 'cifar10_resnet20_w4a4_' --lr 5e-2 --wgt-target 4.0 \
-        --act-target 4.0 --quantize --pretrained runs/dambq/cifar10_resnet20_float/latest.pth.tar
+        --act-target 4.0 --quantize --pretrained ../runs/dambq/cifar10_resnet20_float/latest.pth.tar
     python main_cifar10.py -a 'resnet20' --expr-name 'cifar10_resnet20_w2.0a2.0' --lr 5e-2 --wgt-target 2.0 \
-        --act-target 2.0 --quantize --resume runs/dambq/cifar10_resnet20_w4a4_/latest.pth.tar -b 400
+        --act-target 2.0 --quantize --resume ../runs/dambq/cifar10_resnet20_w4a4_/latest.pth.tar -b 400
 
-Flags are the original's (same defaults, schedule and output layout <checkpoint-dir>/<expr-name>/); --resume keeps
-its meaning (load weights, start at --start-epoch); --continue continues a killed run exactly. Additions and fixes:
-dambq/DEVIATIONS.md.
+Flags are the original's (same defaults and schedule); --resume keeps its meaning (load weights, start at
+--start-epoch). Each run writes its own directory runs/dambq/<expr-name>-<time>/ (or --name), and
+runs/dambq/<expr-name> (the original's <checkpoint-dir>/<expr-name>/) links to the latest finished one.
+--continue continues a killed run exactly, also from inside an epoch (SIGINT/SIGTERM save after the current
+batch). Every checkpoint says what it is (common.identity); loading one under other flags is one line. Additions
+and fixes: dambq/DEVIATIONS.md.
 """
 import argparse
+import glob
 import itertools
 import os
 import re
@@ -20,22 +24,23 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as transforms
 
-from common import REPO_ROOT
+from common import REPO_ROOT, interrupt, runs
 from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
                                save_checkpoint, strip_module_prefix, training_state)
+from common.checks import check_range, check_results_writable, check_sgd_flags, check_writable_dir
 from common.data import cifar10
-from common.device import get_device, seed_everything
+from common.device import get_device, get_rng_state, seed_everything
 from common.errors import UserError, run_main
-from common.identity import identity
+from common.identity import check_checkpoint, expect, identity
 from common.meters import AverageMeter, accuracy, progress
 from common.results import combine_recipes, recipe_info, record
-from common.runlog import RunLog
 from dambq.model import QuantTune
 from dambq.model.cifar10.resnet import MODELS
 from dambq.model.quant_layers import MAX_BIT
 
 MILESTONES = [150, 225]          # MultiStepLR x0.1, hard-wired as in the original
 VAL_BATCH = 128
+LATEST, BEST = 'latest.pth.tar', 'model_best.pth.tar'
 FULL_EPOCHS = 300
 NORMALIZE = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])   # the original's (ImageNet)
 RUN_KEYS = ('arch', 'quantize', 'wgt_target', 'act_target', 'layerwise', 'duration', 'keep_fc_bias', 'option_a')
@@ -74,9 +79,10 @@ parser.add_argument('--arch', '-a', metavar='ARCH', default='resnet32', choices=
 parser.add_argument('--data', metavar='DIR', default=os.path.join(REPO_ROOT, 'data'),
                     help='CIFAR-10 root: cifar-10-batches-py/, train/<class>/*.png + test/<class>/*.png, '
                          'or a folder holding cifar10/ (default: <repo>/data)')
-parser.add_argument('--checkpoint-dir', '--save-dir', dest='checkpoint_dir', metavar='DIR',
-                    default=os.path.join(REPO_ROOT, 'runs', 'dambq'),
-                    help='runs go to <checkpoint-dir>/<expr-name>/ (default: <repo>/runs/dambq)')
+parser.add_argument('--checkpoint-dir', '--save-dir', dest='checkpoint_dir', metavar='DIR', default=None,
+                    help='folder of the runs (default: <repo>/runs/dambq, or $QUANTLAB_RUNS/dambq): a run writes '
+                         '<checkpoint-dir>/<expr-name>-<time>/ (or <checkpoint-dir>/<name>/ with --name), and when '
+                         'it finishes <checkpoint-dir>/<expr-name> links to it')
 parser.add_argument('--expr-name', default='cifar_float', help='experiment name (default: cifar_float)')
 parser.add_argument('-j', '--workers', default=8, type=int, metavar='N',
                     help='data loading workers (default: 8, at most the CPU count)')
@@ -106,8 +112,11 @@ parser.add_argument('--duration', default=['0', '150'], nargs='+', metavar='EPOC
                     help='inclusive epoch window of the bit allocation: `0 150`, `0,150` or `[0,150]` (default)')
 # additions
 parser.add_argument('--continue', dest='continue_run', nargs='?', const='', default=None, metavar='PATH',
-                    help='continue a killed run exactly (weights, optimizer, schedule, epoch, best, bits, RNG) from '
-                         'PATH (default: <checkpoint-dir>/<expr-name>/latest.pth.tar)')
+                    help='continue a killed run exactly (weights, optimizer, schedule, epoch and batch, best, bits, '
+                         'RNG) from PATH (a latest.pth.tar or its run directory; default: the --name run, else the '
+                         'newest run of --expr-name)')
+parser.add_argument('--name', default='', help='run directory <checkpoint-dir>/<name> (default: <expr-name>-<time>)')
+parser.add_argument('--overwrite', action='store_true', help='replace the run already in <checkpoint-dir>/<name>')
 parser.add_argument('--seed', default=None, type=int, help='random seed (default: drawn at random and logged)')
 parser.add_argument('--max-iters', default=None, type=int, metavar='N',
                     help='smoke runs: stop each training epoch after N iterations (recorded as shortened)')
@@ -132,6 +141,7 @@ def parse_duration(tokens):
 
 
 def parse_args(argv=None):
+    """The flags, with every range checked (one line, exit 2) before anything is read."""
     args = parser.parse_args(argv)
     args.duration = parse_duration(args.duration)
     args.option_a = args.pretrained_option_a
@@ -140,17 +150,28 @@ def parse_args(argv=None):
                         "--resume QUANTIZED_MODEL (W2.0A2.0)")
     if args.evaluate and not (args.resume or args.pretrained):
         raise UserError("-e needs a model to evaluate: pass --resume PATH (or --pretrained PATH)")
+    if args.evaluate and args.quantize and not args.resume:
+        raise UserError("-e --quantize evaluates a quantized checkpoint: pass it with --resume PATH (--pretrained is "
+                        "a float model; evaluate it without --quantize)")
     if args.option_a and args.arch not in ('resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
                                            'resnet1202'):
         raise UserError(f"--pretrained-option-a builds BasicBlock ResNets only, not {args.arch}")
-    for flag in ('epochs', 'batch_size', 'save_every', 'print_freq'):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.max_iters is not None and args.max_iters < 1:
-        raise UserError("--max-iters must be at least 1")
+    check_sgd_flags(args, wd_flag='--weight-decay')   # -b, --lr, --momentum, wd, -p, -j, --epochs, --start-epoch
+    check_range('--save-every', args.save_every, lo=1)
+    check_range('--max-iters', args.max_iters, lo=1)
+    check_range('--seed', args.seed, lo=0, hi=2 ** 32 - 1)
+    if args.name and (os.sep in args.name or args.name in ('.', '..')):
+        raise UserError(f"--name {args.name!r} must be a plain directory name (it goes under --checkpoint-dir)")
+    if args.overwrite and args.continue_run is not None:
+        raise UserError("--overwrite replaces a run and --continue continues one: pass only one of them")
     if args.half and not torch.cuda.is_available():
         raise UserError("--half needs a CUDA device (half-precision convolutions are not supported on CPU here)")
     return args
+
+
+def model_name(args):
+    """Record and identity key: the option-A network is another model than the paper's."""
+    return f'{args.arch}-optionA' if args.option_a else args.arch
 
 
 def setting_of(args):
@@ -196,13 +217,59 @@ def data_loaders(args, device):
     return train_loader, val_loader
 
 
+def wanted(args, quantized=None, bits=True):
+    """What the flags ask a checkpoint to be (common.identity.expect); bits=False: any bit-width."""
+    q = args.quantize if quantized is None else quantized
+    return expect('dambq', model_name(args), bits=(args.wgt_target if q else 32) if bits else None,
+                  scheme='dambq' if q else 'fp32')
+
+
+def identity_of(args, recipe, epoch, tuner):
+    """ckpt['quantlab']: paper, script, model, bits (weight target; 32 = float), scheme, stage (the README stage:
+    FP32, W4A4, W2.0A2.0), the run's recipe and how far it got (epoch of epochs, finished)."""
+    q = tuner is not None
+    w, x = tuner.compute_avg_bit() if q else (32, 32)
+    return identity('dambq', model_name(args), bits=args.wgt_target if q else 32, scheme='dambq' if q else 'fp32',
+                    stage=setting_of(args), recipe=recipe, script='dambq/main_cifar10.py',
+                    act_bits=args.act_target if q else 32, w_avg_bit=w, x_avg_bit=x, epoch=int(epoch),
+                    epochs=args.epochs, finished=epoch >= args.epochs)
+
+
+def checkpoint_recipe(ckpt, ident):
+    """The recipe a checkpoint was made with; a checkpoint of an unfinished run is a shortened recipe."""
+    recipe = (ident or {}).get('recipe') or (ckpt.get('recipe') if isinstance(ckpt, dict) else None)
+    if recipe is None or not ident or ident.get('finished', True):
+        return recipe
+    return dict(recipe, full=False, summary=f"{recipe.get('summary')}; unfinished run (checkpoint after epoch "
+                                            f"{ident.get('epoch')} of {ident.get('epochs')})")
+
+
+def flags_for(ident, flag, evaluate=False):
+    """The flags that fit a checkpoint, for the mismatch line."""
+    if ident.get('scheme') == 'fp32':
+        return ('--pretrained (a float model starts a quantized run with --quantize --pretrained)'
+                if flag == '--resume' and not evaluate else 'no --quantize (it is a float model)')
+    if flag == '--pretrained':
+        return '--quantize --resume (a quantized model continues with --resume)'
+    if 'bits' in ident:
+        return (f"--quantize --wgt-target {ident['bits']:g} --act-target {ident.get('act_bits', ident['bits']):g}"
+                + (' -a ' + str(ident['model']).replace('-optionA', ' --pretrained-option-a')
+                   if ident.get('model') else ''))
+    return ''
+
+
 def is_quantized(sd):
     return any(k.endswith('bit_wgt') for k in sd)
 
 
-def read_model(path, flag, want_quantized, arch):
-    """A checkpoint's state dict, refusing a float one where a quantized one is needed and vice versa."""
+def read_model(path, flag, want_quantized, args, exact=False):
+    """(checkpoint, state dict, identity, note) of --pretrained/--resume: its identity must fit the flags (a float
+    checkpoint where a quantized one is needed and vice versa, another model or, with exact, another setting is
+    one line naming both); files without an identity are judged by their weights."""
     ckpt = load_checkpoint(path, what=f'{flag} checkpoint', flag=flag)
+    fields = ('paper', 'model', 'bits', 'scheme') if exact else ('paper', 'model', 'scheme')
+    ident, note = check_checkpoint(ckpt, path, wanted(args, want_quantized), flag=flag, fields=fields,
+                                   suggest=lambda i: flags_for(i, flag, args.evaluate))
     sd = strip_module_prefix(extract_state_dict(ckpt))
     if is_quantized(sd) != want_quantized:
         have, need = ('quantized', 'float') if is_quantized(sd) else ('float', 'quantized')
@@ -212,9 +279,13 @@ def read_model(path, flag, want_quantized, arch):
         raise UserError(f"{flag} {path} is a {have} checkpoint but this run needs a {need} one; "
                         f"{hint.get((flag, is_quantized(sd)), 'check the flags')}")
     saved = ckpt.get('run', {}).get('arch') if isinstance(ckpt, dict) else None
-    if saved is not None and saved != arch:
-        raise UserError(f"{flag} {path} holds a {saved} but -a is {arch}")
-    return ckpt, sd
+    if saved is not None and saved != args.arch:
+        raise UserError(f"{flag} {path} holds a {saved} but -a is {args.arch}")
+    if exact and want_quantized and ident is not None and ident.get('act_bits') is not None \
+            and abs(float(ident['act_bits']) - args.act_target) > 1e-9:
+        raise UserError(f"{flag} {path} is a {ident.get('stage')} model (activation target {ident['act_bits']:g}) "
+                        f"but the flags ask for {setting_of(args)}; pass {flags_for(ident, flag)}")
+    return ckpt, sd, ident, note
 
 
 def load_float(model, sd, path, option_a):
@@ -229,17 +300,25 @@ def load_float(model, sd, path, option_a):
         load_model_state(model, sd, strict=True, what=f'--pretrained {path}')
 
 
-def train(train_loader, model, criterion, optimizer, epoch, device, args, log):
-    """One epoch; returns (average loss, average top-1). Host syncs only on print lines and at the end."""
+def train(train_loader, model, criterion, optimizer, epoch, device, args, log, skip=0, sums=None,
+          on_interrupt=None, eta=None):
+    """One epoch; returns (average loss, average top-1). Host syncs only on print lines and at the end.
+
+    skip: batches of this epoch already trained (a run continued from a checkpoint inside the epoch, with the
+    RNG of the epoch's start): they are drawn again, so that the data order and augmentation of the rest are
+    the uninterrupted run's, but not trained on; sums: that checkpoint's running (loss, correct, seen).
+    on_interrupt(i, sums): after batch i when SIGINT/SIGTERM arrived (common.interrupt)."""
     batch_time, data_time = AverageMeter(), AverageMeter()
     n_iter = len(train_loader) if not args.max_iters else min(args.max_iters, len(train_loader))
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device)
-    seen = 0
+    if sums is None:
+        sums = (torch.zeros((), device=device), torch.zeros((), device=device), 0)
+    loss_sum, correct_sum, seen = sums[0].to(device), sums[1].to(device), int(sums[2])
     model.train()
     end = time.time()
     batches = itertools.islice(train_loader, n_iter)
     for i, (input, target) in enumerate(progress(batches, desc=f'epoch {epoch}', total=n_iter)):
+        if i < skip:
+            continue
         data_time.update(time.time() - end)
         input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if args.half:
@@ -260,6 +339,10 @@ def train(train_loader, model, criterion, optimizer, epoch, device, args, log):
             log.info(f'Epoch: [{epoch}][{i}/{n_iter}]\tTime {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
                      f'Data {data_time.val:.3f} ({data_time.avg:.3f})\tLoss {loss.item():.4f} '
                      f'({loss_sum.item() / seen:.4f})\tPrec@1 {prec1.item():.3f} ({correct_sum.item() / seen:.3f})')
+        if eta is not None:
+            eta.batch(i, skip)
+        if on_interrupt is not None and interrupt.requested():
+            on_interrupt(i, (loss_sum, correct_sum, seen))
     return loss_sum.item() / max(seen, 1), correct_sum.item() / max(seen, 1)
 
 
@@ -281,18 +364,20 @@ def validate(val_loader, model, criterion, device, args, log=print):
 
 
 def build(args, device, log=print):
-    """Model (+ QuantTune when --quantize) with --pretrained/--resume loaded, as the original orders it:
-    float weights before the swap, quantized weights after."""
+    """Model (+ QuantTune when --quantize) with --pretrained/--resume loaded and checked, as the original orders
+    it: float weights before the swap, quantized weights after. Returns (model, tuner, start) where start holds
+    the recipe and note of the checkpoint the run starts from (or evaluates)."""
     model = MODELS[args.arch](option_a=args.option_a)
-    resume = start_recipe = None
+    resume, start = None, {'recipe': None, 'note': None, 'path': None}
     if args.pretrained and not (args.evaluate and args.resume):
-        ckpt, sd = read_model(args.pretrained, '--pretrained', False, args.arch)
-        start_recipe = ckpt.get('recipe') if isinstance(ckpt, dict) else None
+        ckpt, sd, ident, note = read_model(args.pretrained, '--pretrained', False, args, exact=args.evaluate)
+        start = {'recipe': checkpoint_recipe(ckpt, ident), 'note': note, 'path': args.pretrained}
         load_float(model, sd, args.pretrained, args.option_a)
         log('==> load pretrained model')
     if args.resume:
-        ckpt, resume = read_model(args.resume, '--resume', args.quantize, args.arch)
-        start_recipe = ckpt.get('recipe') if isinstance(ckpt, dict) else None
+        ckpt, resume, ident, note = read_model(args.resume, '--resume', args.quantize, args, exact=args.evaluate)
+        start = {'recipe': checkpoint_recipe(ckpt, ident), 'note': note, 'path': args.resume, 'ident': ident,
+                 'setting': (ident or {}).get('stage') or (ckpt.get('setting') if isinstance(ckpt, dict) else None)}
     model = model.to(device)
     tuner = None
     if args.quantize:
@@ -302,14 +387,83 @@ def build(args, device, log=print):
         load_model_state(model, resume, strict=True, what=f'--resume {args.resume}')
         if tuner is not None:
             tuner.load_bit_config()
+            check_resumed_bits(args, tuner, start)
         log('==> load resume model')
     if args.half:
         model.half()
-    return model, tuner, start_recipe
+    return model, tuner, start
 
 
-def check_continue(args, run_dir):
-    path = args.continue_run or os.path.join(run_dir, 'latest.pth.tar')
+def targets_of(setting):
+    """'W2.0A2.0' -> '--wgt-target 2.0 --act-target 2.0'."""
+    m = re.fullmatch(r'W([\d.]+)A([\d.]+)', str(setting))
+    return f'--wgt-target {float(m[1])} --act-target {float(m[2])}' if m else 'the flags it was made with'
+
+
+def check_resumed_bits(args, tuner, start):
+    """Bits only decrease: a checkpoint below the targets would train and be recorded under a setting it never
+    had (a W2.0A2.0 model resumed for W4A4). With -e the file's setting must be the flags' one."""
+    w, x = tuner.compute_avg_bit()
+    have = start.get('setting') or ('W4A4' if (w, x) == (4.0, 4.0) else f'W{w:.1f}A{x:.1f}')
+    if args.evaluate and have != setting_of(args):
+        raise UserError(f"--resume {start['path']} is a {have} model (average bits {w:.4f}/{x:.4f}) but the flags ask "
+                        f"for {setting_of(args)}; evaluate it with --quantize {targets_of(have)}")
+    if not args.evaluate and (w < args.wgt_target - 1e-9 or x < args.act_target - 1e-9):
+        raise UserError(f"--resume {start['path']} is a {have} model (average bits {w:.4f}/{x:.4f}), below the "
+                        f"targets of this {setting_of(args)} run: bits only decrease, so it would never be "
+                        f"{setting_of(args)}; start from a model with more bits (e.g. W4A4) or lower the targets")
+
+
+def run_root(args):
+    return args.checkpoint_dir or os.path.join(runs.runs_root(), 'dambq')
+
+
+def continue_path(args, root):
+    """--continue [PATH]: the file, a run directory's latest.pth.tar, the --name run's, or the newest run of
+    --expr-name under the run folder."""
+    if args.continue_run:
+        p = args.continue_run
+        return os.path.join(p, LATEST) if os.path.isdir(p) else p
+    if args.name:
+        return os.path.join(root, args.name, LATEST)
+    found = [p for p in glob.glob(os.path.join(glob.escape(root), glob.escape(args.expr_name) + '-*', LATEST))
+             + [os.path.join(root, args.expr_name, LATEST)] if os.path.isfile(p)]
+    if not found:
+        raise UserError(f"--continue: {LATEST} not found in any run of --expr-name {args.expr_name} under {root}; "
+                        f"pass --continue PATH")
+    return max(found, key=os.path.getmtime)
+
+
+def plan_run(args):
+    """(run directory, --continue checkpoint or None), decided and checked before any data is read. A new run
+    gets its own directory; one that holds another run is refused unless --continue or --overwrite."""
+    root = run_root(args)
+    flag = '--checkpoint-dir' if args.checkpoint_dir else 'QUANTLAB_RUNS'
+    check_writable_dir(root, flag)
+    if args.continue_run is not None:
+        path = continue_path(args, root)
+        d = os.path.dirname(os.path.realpath(path))
+        check_writable_dir(d, '--continue')
+        return d, path
+    if args.name:
+        d = os.path.join(root, args.name)
+        if os.path.islink(d):
+            raise UserError(f"--name {args.name}: {d} is the link to the latest finished run of that name, not a "
+                            f"run directory; pass another --name")
+    else:
+        d = base = os.path.join(root, runs.run_name(args.expr_name))
+        k = 1
+        while os.path.lexists(d):                  # two runs started in the same second
+            k += 1
+            d = f'{base}-{k}'
+    check_writable_dir(d, '--name' if args.name else flag)
+    if runs.holds_run(d) and not args.overwrite:
+        raise UserError(f"{d} already holds a run: continue it with --continue, replace it with --overwrite, or "
+                        f"pass another --name")
+    return d, None
+
+
+def check_continue(args, path):
     ckpt = load_checkpoint(path, what='--continue checkpoint', flag='--continue')
     if not isinstance(ckpt, dict) or ckpt.get('paper') != 'dambq' or 'optimizer' not in ckpt:
         raise UserError(f"--continue {path} is not a DAMBQ run checkpoint written by this main_cifar10.py")
@@ -319,45 +473,70 @@ def check_continue(args, run_dir):
         k = diff[0]
         raise UserError(f"--continue {path} was written with {k}={run.get(k)!r} but this run has {k}="
                         f"{getattr(args, k)!r}; continue with the run's original flags")
-    return path, ckpt
+    check_checkpoint(ckpt, path, wanted(args), flag='--continue', suggest=lambda i: flags_for(i, '--continue'))
+    return ckpt
+
+
+def evaluate(args, model, tuner, start, val_loader, criterion, device, seed):
+    n_test = len(val_loader.dataset)
+    size_note = getattr(val_loader.dataset, 'size_note', f'{n_test} test images')
+    print(f'=> device {device}, seed {seed}; evaluating {start["path"]} on {size_note}')
+    prec1, _ = validate(val_loader, model, criterion, device, args)
+    print(f' * Prec@1 {prec1:.3f} on {size_note}')
+    extra = {'mode': 'evaluate', 'checkpoint': os.path.abspath(start['path']), 'test_set': size_note}
+    if start['note']:
+        extra['checkpoint_note'] = start['note']
+    if tuner is not None:
+        w_bit, x_bit = tuner.compute_avg_bit()
+        print(f'w_avg_bit: {w_bit}  x_avg_bit: {x_bit}')
+        extra.update(w_avg_bit=w_bit, x_avg_bit=x_bit)
+    record('dambq', model_name(args), 'cifar10', 'test', setting_of(args), 'top1', prec1, n_test, extra=extra,
+           recipe=start['recipe'], seed=seed)
+    return prec1
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_results_writable()                       # checks before work: nothing is read or written before
+    run_dir, cont_path = (None, None) if args.evaluate else plan_run(args)
+    ckpt = check_continue(args, cont_path) if cont_path else None
+    seed = args.seed if args.seed is not None else (ckpt or {}).get('seed')
+    seed = seed_everything(seed if seed is not None else int.from_bytes(os.urandom(4), 'little'))
     device = get_device()
-    run_dir = os.path.join(args.checkpoint_dir, args.expr_name)
-    latest = os.path.join(run_dir, 'latest.pth.tar')
-    cont = None
-    if args.continue_run is not None:
-        cont = check_continue(args, run_dir)
-    elif not args.evaluate and os.path.exists(latest):
-        raise UserError(f"{run_dir} already holds a run (latest.pth.tar): continue it with --continue or choose "
-                        f"another --expr-name/--checkpoint-dir")
-    train_loader, val_loader = data_loaders(args, device)          # missing data fails before any work
+    said = []                                      # build's lines, logged once the run is open
+    model, tuner, start = build(args, device, said.append)   # checkpoint mismatches stop here, before the data
+    train_loader, val_loader = data_loaders(args, device)    # missing data: one line
+    criterion = nn.CrossEntropyLoss().to(device)
+    if args.evaluate:
+        for line in said:
+            print(line)
+        return evaluate(args, model, tuner, start, val_loader, criterion, device, seed)
+
     n_test = len(val_loader.dataset)
     size_note = getattr(val_loader.dataset, 'size_note', f'{n_test} test images')
-    criterion = nn.CrossEntropyLoss().to(device)
+    recipe = recipe_of(args, len(train_loader.dataset), start['recipe'])
+    if args.overwrite:                             # --overwrite: the old run's checkpoints go too
+        for f in (LATEST, BEST):
+            if os.path.exists(os.path.join(run_dir, f)):
+                os.remove(os.path.join(run_dir, f))
+    log = runs.start_run('dambq', run_dir, args, seed=seed, device=device, recipe=recipe,
+                         overwrite=args.overwrite).log
+    try:
+        return train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader, val_loader, criterion,
+                         device, seed, recipe, log, said, size_note)
+    finally:
+        runs.end_run()                             # text log and tensorboard closed, also on SIGINT/SIGTERM
 
-    if args.evaluate:
-        model, tuner, start_recipe = build(args, device)
-        prec1, _ = validate(val_loader, model, criterion, device, args)
-        print(f' * Prec@1 {prec1:.3f} on {size_note}')
-        extra = {'mode': 'evaluate', 'checkpoint': os.path.abspath(args.resume or args.pretrained)}
-        setting = 'FP32'
-        if tuner is not None:
-            w_bit, x_bit = tuner.compute_avg_bit()
-            print(f'w_avg_bit: {w_bit}  x_avg_bit: {x_bit}')
-            extra.update(w_avg_bit=w_bit, x_avg_bit=x_bit)
-            setting = 'W4A4' if (w_bit, x_bit) == (4.0, 4.0) else f'W{w_bit:.1f}A{x_bit:.1f}'
-        record('dambq', args.arch, 'cifar10', 'test', setting, 'top1', prec1, n_test, extra=extra,
-               recipe=start_recipe)
-        return prec1
 
-    seed = seed_everything(args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little'))
-    log = RunLog(run_dir, args, seed=seed, device=device)
+def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader, val_loader, criterion, device,
+              seed, recipe, log, said, size_note):
+    latest = os.path.join(run_dir, LATEST)
+    n_test = len(val_loader.dataset)
     log.info('==> construct logger...')
-    model, tuner, start_recipe = build(args, device, log.info)
-    recipe = recipe_of(args, len(train_loader.dataset), start_recipe)
+    for line in said:
+        log.info(line)
+    if tuner is not None:
+        tuner.logger = log.info
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     for group in optimizer.param_groups:
         group.setdefault('initial_lr', group['lr'])
@@ -366,88 +545,131 @@ def main(argv=None):
     if args.arch in ('resnet1202', 'resnet110'):
         for group in optimizer.param_groups:     # the original's "warm-up" that is never undone
             group['lr'] = args.lr * 0.1
-    start_epoch, best_prec1, best_epoch, history = args.start_epoch, 0.0, -1, []
-    if cont is not None:
-        path, ckpt = cont
+    start_epoch, best_prec1, best_epoch, history, skip, sums = args.start_epoch, 0.0, -1, [], 0, None
+    if ckpt is not None:
         start_epoch, best = restore_training_state(ckpt, model, optimizer, scheduler)
         best_prec1, best_epoch, history = float(best), int(ckpt['best_epoch']), list(ckpt['history'])
         if tuner is not None:
             tuner.load_state(ckpt['tuner'])
-        log.info(f'==> continue {path} at epoch {start_epoch} (best Prec@1 {best_prec1:.3f} at epoch {best_epoch})')
+        skip = int(ckpt.get('batch', 0))          # a checkpoint inside epoch `start_epoch`, after `skip` batches
+        if skip:
+            p = ckpt['partial']
+            sums = (p['loss_sum'], p['correct_sum'], p['seen'])
+        log.info(f'==> continue {cont_path} at epoch {start_epoch}' + (f' batch {skip}' if skip else '')
+                 + f' (best Prec@1 {best_prec1:.3f} at epoch {best_epoch})')
     n_iter = min(args.max_iters or len(train_loader), len(train_loader))
-    log.info(f"==> recipe: {(recipe or {}).get('summary', 'unknown')}")
     log.info(f'==> {args.arch} {setting_of(args)}: {len(train_loader.dataset)} train images, {n_iter} it/epoch of '
-             f'{args.batch_size}, test on {size_note}, epochs {start_epoch}..{args.epochs - 1}, device {device}, '
-             f'output {run_dir}')
-    t_start = time.time()
-    prec1 = None
-    saved, epoch = (start_epoch if cont is not None else None), start_epoch
+             f'{args.batch_size}, test on {size_note}, epochs {start_epoch}..{args.epochs - 1}, output {run_dir}')
+    eta = runs.ETA(args.epochs, start_epoch, n_iter, say=log.info)
+
+    def state_at(epoch, errors=False, **extra):
+        return training_state(model, optimizer, scheduler, epoch=epoch, best=best_prec1, best_prec1=best_prec1,
+                              best_epoch=best_epoch, history=history, paper='dambq', setting=setting_of(args),
+                              run={k: getattr(args, k) for k in RUN_KEYS}, recipe=recipe, seed=seed,
+                              tuner=tuner.state(errors) if tuner is not None else None,
+                              quantlab=identity_of(args, recipe, epoch, tuner), **extra)
+
+    stopped = {}
+
+    def on_interrupt(i, sums_now):                # SIGINT/SIGTERM: save after this batch, atomically, then stop
+        loss_sum, correct_sum, seen = sums_now
+        state = state_at(epoch, batch=i + 1, rng=epoch_rng, interrupted=True,
+                         partial={'loss_sum': loss_sum.detach().cpu(), 'correct_sum': correct_sum.detach().cpu(),
+                                  'seen': seen}, errors=True)
+        save_checkpoint(state, latest)
+        log.flush()
+        stopped['at'] = f'epoch {epoch} batch {i + 1}'
+        interrupt.stop(stopped['at'])
+
+    prec1, saved, epoch = None, (start_epoch if ckpt is not None else None), start_epoch
     try:
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.time()
-            log.info('current lr {:.5e}'.format(optimizer.param_groups[0]['lr']))
-            if tuner is not None:
-                tuner.quantize_cur = tuner.in_window(epoch)
-            loss, train_prec = train(train_loader, model, criterion, optimizer, epoch, device, args, log)
-            scheduler.step()
-            entry = {'epoch': epoch, 'train_loss': loss, 'train_prec1': train_prec}
-            if tuner is not None:
-                if tuner.quantize_cur:
-                    tuner.sort_and_tune(epoch)
-                tuner.quantize_cur = False
-                w_bit, x_bit = tuner.compute_avg_bit()
-                log.info(f'epoch: {epoch}  w_avg_bit: {w_bit}  x_avg_bit: {x_bit}.')
-                entry.update(w_avg_bit=w_bit, x_avg_bit=x_bit)
-                log.scalar('w_avg_bit', w_bit, epoch)
-                log.scalar('x_avg_bit', x_bit, epoch)
-            prec1, test_loss = validate(val_loader, model, criterion, device, args, log.info)
-            if prec1 > best_prec1:
-                best_prec1, best_epoch = prec1, epoch
-            log.info(' * Prec@1 {:.3f} , Best Prec@1 {:.3f}'.format(prec1, best_prec1))
-            entry.update(prec1=prec1, test_loss=test_loss, lr=optimizer.param_groups[0]['lr'])
-            history.append(entry)
-            for k in ('train_loss', 'train_prec1', 'prec1', 'test_loss', 'lr'):
-                log.scalar(k, entry[k], epoch)
-            eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
-            log.info(f'epoch {epoch} took {time.time() - t0:.1f} s; ETA {eta / 60:.1f} min')
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or best_epoch == epoch:
-                state = training_state(model, optimizer, scheduler, epoch=epoch + 1, best=best_prec1,
-                                       best_prec1=best_prec1, best_epoch=best_epoch, history=history, paper='dambq',
-                                       setting=setting_of(args), run={k: getattr(args, k) for k in RUN_KEYS},
-                                       recipe=recipe, tuner=tuner.state() if tuner is not None else None,
-                                       quantlab=identity('dambq', args.arch, stage=setting_of(args), recipe=recipe,
-                                                         bits=32 if tuner is None else tuner.compute_avg_bit()[0],
-                                                         scheme='fp32' if tuner is None else 'dambq'))
-                if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                    save_checkpoint(state, latest)
-                    saved = epoch + 1
-                if best_epoch == epoch:
-                    save_checkpoint(state, os.path.join(run_dir, 'model_best.pth.tar'))
-    except KeyboardInterrupt as e:      # common.errors.run_main prints e.message and exits 130
-        e.message = (f'stopped in epoch {epoch}; ' + (f'{latest} holds {saved} finished epochs: rerun with the same '
-                     f'flags plus --continue' if saved else 'no epoch was saved yet'))
+        with interrupt.armed():
+            for epoch in range(start_epoch, args.epochs):
+                epoch_rng = get_rng_state()       # a checkpoint inside this epoch replays its data from here
+                log.info('current lr {:.5e}'.format(optimizer.param_groups[0]['lr']))
+                if tuner is not None:
+                    tuner.quantize_cur = tuner.in_window(epoch)
+                first = epoch == start_epoch
+                loss, train_prec = train(train_loader, model, criterion, optimizer, epoch, device, args, log,
+                                         skip=skip if first else 0, sums=sums if first else None,
+                                         on_interrupt=on_interrupt, eta=eta)
+                scheduler.step()
+                entry = {'epoch': epoch, 'train_loss': loss, 'train_prec1': train_prec}
+                if tuner is not None:
+                    if tuner.quantize_cur:
+                        tuner.sort_and_tune(epoch)
+                    tuner.quantize_cur = False
+                    w_bit, x_bit = tuner.compute_avg_bit()
+                    log.info(f'epoch: {epoch}  w_avg_bit: {w_bit}  x_avg_bit: {x_bit}.')
+                    entry.update(w_avg_bit=w_bit, x_avg_bit=x_bit)
+                    log.scalar('w_avg_bit', w_bit, epoch)
+                    log.scalar('x_avg_bit', x_bit, epoch)
+                prec1, test_loss = validate(val_loader, model, criterion, device, args, log.info)
+                if prec1 > best_prec1:
+                    best_prec1, best_epoch = prec1, epoch
+                log.info(' * Prec@1 {:.3f} , Best Prec@1 {:.3f}'.format(prec1, best_prec1))
+                entry.update(prec1=prec1, test_loss=test_loss, lr=optimizer.param_groups[0]['lr'])
+                history.append(entry)
+                for k in ('train_loss', 'train_prec1', 'prec1', 'test_loss', 'lr'):
+                    log.scalar(k, entry[k], epoch)
+                log.flush()
+                log.info(f'=> epoch {epoch + 1}/{args.epochs}: Prec@1 {prec1:.3f} (best {best_prec1:.3f}); '
+                         f'{eta.line(epoch + 1)}')
+                stop = interrupt.requested()          # a signal during the test pass: stop after this epoch
+                if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or best_epoch == epoch or stop:
+                    state = state_at(epoch + 1)
+                    if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop:
+                        save_checkpoint(state, latest)
+                        saved = epoch + 1
+                    if best_epoch == epoch:
+                        save_checkpoint(state, os.path.join(run_dir, BEST))
+                if stop:
+                    stopped['at'] = f'after epoch {epoch}'
+                    interrupt.stop(stopped['at'])
+    except KeyboardInterrupt as e:      # common.errors.run_main prints e.message and exits 130/143
+        if stopped:
+            e.message = (f"{stopped['at']}: resumable checkpoint saved to {latest}; rerun with the same flags plus "
+                         f"--continue")
+        else:
+            e.message = (f'stopped in epoch {epoch}; ' + (f'{latest} holds {saved} finished epochs: rerun with the '
+                         f'same flags plus --continue' if saved else 'no epoch was saved yet'))
         raise
 
     if prec1 is not None:
         setting = setting_of(args)
+        finish_best(run_dir, recipe)
         extra = {'mode': 'train', 'epochs': args.epochs, 'max_iters': args.max_iters, 'batch_size': args.batch_size,
-                 'best_epoch': best_epoch, 'last_epoch': args.epochs - 1, 'seed': seed, 'test_set': size_note,
+                 'best_epoch': best_epoch, 'last_epoch': args.epochs - 1, 'test_set': size_note,
                  'checkpoint': os.path.abspath(latest), 'device': str(device)}
-        rec = dict(recipe=recipe, seed=seed, run_dir=run_dir)
-        record('dambq', args.arch, 'cifar10', 'test', setting, 'top1', prec1, n_test,
-               extra=dict(extra, selection='last epoch (as the README reports)'), **rec)
-        record('dambq', args.arch, 'cifar10', 'test', setting, 'top1_best', best_prec1, n_test,
-               extra=dict(extra, selection=f'best epoch ({best_epoch}) on the test set'), **rec)
+        if start['note']:
+            extra['checkpoint_note'] = start['note']
+        name = model_name(args)
+        record('dambq', name, 'cifar10', 'test', setting, 'top1', prec1, n_test,
+               extra=dict(extra, selection='last epoch (as the README reports)'))
+        record('dambq', name, 'cifar10', 'test', setting, 'top1_best', best_prec1, n_test,
+               extra=dict(extra, selection=f'best epoch ({best_epoch}) on the test set'))
         if tuner is not None:
             for line in tuner.show_avg_bit():                     # final per-layer bits and clips
                 log.info(line)
             w_bit, x_bit = tuner.compute_avg_bit()
-            record('dambq', args.arch, 'cifar10', 'n/a', setting, 'avg_bits_wgt', w_bit, n_test, extra=extra, **rec)
-            record('dambq', args.arch, 'cifar10', 'n/a', setting, 'avg_bits_act', x_bit, n_test, extra=extra, **rec)
+            record('dambq', name, 'cifar10', 'n/a', setting, 'avg_bits_wgt', w_bit, n_test, extra=extra)
+            record('dambq', name, 'cifar10', 'n/a', setting, 'avg_bits_act', x_bit, n_test, extra=extra)
         log.info(f'==> {setting}: last-epoch Prec@1 {prec1:.3f}, best {best_prec1:.3f} (epoch {best_epoch}) on '
                  f'{size_note}')
-    log.close()
+    documented = os.path.join(run_root(args), args.expr_name)
+    if os.path.abspath(documented) != os.path.abspath(run_dir):
+        runs.link_latest(run_dir, documented, say=log.info)    # <checkpoint-dir>/<expr-name>/latest.pth.tar works
     return prec1
+
+
+def finish_best(run_dir, recipe):
+    """model_best.pth.tar was written mid-run: now that the run has finished, its identity says so."""
+    path = os.path.join(run_dir, BEST)
+    if os.path.exists(path):
+        best = load_checkpoint(path, what='model_best checkpoint')
+        if not best['quantlab'].get('finished'):
+            best['quantlab'] = dict(best['quantlab'], finished=True, recipe=recipe)
+            save_checkpoint(best, path)
 
 
 if __name__ == '__main__':

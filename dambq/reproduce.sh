@@ -57,8 +57,10 @@ stage() {
         echo "== $name: continuing at epoch $done"
         extra=(--continue)
     fi
-    echo "== python main_cifar10.py $* ${COMMON[*]} ${extra[*]}"
-    (cd "$HERE" && "$PY" main_cifar10.py "$@" "${COMMON[@]}" "${extra[@]}")
+    # --name NAME: the stage's run directory is $RUNS/NAME itself (the original's <checkpoint-dir>/<expr-name>),
+    # so a killed stage continues there and the next stage reads its latest.pth.tar
+    echo "== python main_cifar10.py $* ${COMMON[*]} --name $name ${extra[*]}"
+    (cd "$HERE" && "$PY" main_cifar10.py "$@" "${COMMON[@]}" --name "$name" ${extra[@]+"${extra[@]}"})
 }
 
 start=$SECONDS

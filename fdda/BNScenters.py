@@ -20,8 +20,10 @@ if __package__ in (None, ""):                        # run as `python BNScenters
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.checkpoint import save_checkpoint  # noqa: E402
+from common.checks import check_range, check_writable_dir  # noqa: E402
 from common.device import get_device  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
+from common.identity import sha256_file  # noqa: E402
 from common.meters import progress  # noqa: E402
 from fdda import models  # noqa: E402
 from fdda.bns import BNStats, LIST_FILE, bns_paths, correct_set  # noqa: E402
@@ -81,21 +83,28 @@ def main():
     data_path = args.dataPath or os.environ.get(DATA_ENV)
     if not data_path:
         raise UserError(f"no ImageNet root: pass --dataPath PathToImageNetDataset or set {DATA_ENV}")
-    if args.img_size < 32 or args.batch_size < 1:
-        raise UserError("--img_size must be at least 32 and --batch_size positive")
+    # checks before work: every range and the output folder, before any data is read
+    check_range("--img_size", args.img_size, lo=32)
+    check_range("--batch_size", args.batch_size, lo=1)
+    check_range("--nClasses", args.nClasses, lo=1)
+    check_range("--seed", args.seed, lo=0, hi=2 ** 63 - 1)
+    check_range("--gpu", args.gpu, lo=0)
+    check_writable_dir(args.save_path, "--save_path")
+    existing = [p for p in bns_paths(args.save_path, args.model_name).values() if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} already exists (BNS centers of {args.model_name}, used by training runs); "
+                        f"pass --overwrite to replace them, or --save_path DIR for another set")
     tf = test_transform(args.img_size)
     train = imagenet_split(data_path, "train", tf)            # one line if missing / not an ImageFolder
     if len(train.classes) > args.nClasses:
         raise UserError(f"{data_path}/train has {len(train.classes)} classes but the network has "
                         f"{args.nClasses} outputs (--nClasses)")
-    existing = [p for p in bns_paths(args.save_path, args.model_name).values() if os.path.exists(p)]
-    if existing and not args.overwrite:
-        raise UserError(f"{existing[0]} already exists (BNS centers of {args.model_name}, used by training runs); "
-                        f"pass --overwrite to replace them, or --save_path DIR for another set")
     chosen = choose_images(train, args.seed, args.calib_list)
     teacher, source = models.build_teacher(args.model_name, args.teacher_path, args.nClasses, args.seed)
     device = get_device(args.gpu)
     teacher.to(device)
+    print(f"=> device {device}, seed {args.seed} (image choice), teacher {source}, {len(chosen)} classes -> "
+          f"{os.path.abspath(args.save_path)}", flush=True)
     os.makedirs(args.save_path, exist_ok=True)               # the README's `mkdir save_ImageNet`
 
     stats = BNStats(teacher, per_sample=True)
@@ -129,7 +138,9 @@ def main():
     os.replace(list_path + ".tmp", list_path)
     right = correct_set(torch.cat([outputs[c] for c in sorted(outputs)]))
     with open(os.path.join(args.save_path, f"{args.model_name}_BNScenters.json"), "w") as f:
-        json.dump({"model_name": args.model_name, "teacher": source, "dataPath": os.path.abspath(data_path),
+        json.dump({"paper": "fdda", "stage": "BNScenters", "script": "fdda/BNScenters.py",
+                   "sha256": {k: sha256_file(p) for k, p in paths.items()},
+                   "model_name": args.model_name, "teacher": source, "dataPath": os.path.abspath(data_path),
                    "classes": len(chosen), "bn_layers": spec.bn_layers, "img_size": args.img_size,
                    "seed": args.seed, "calib_list": args.calib_list, "correct": len(right),
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)

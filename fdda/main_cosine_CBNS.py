@@ -5,10 +5,13 @@
     torchrun --nproc_per_node=N main_cosine_CBNS.py ...     # DDP (batchSize per process; gloo on CPU)
 
 Any hocon key can be overridden (`--qw 5 --qa 5 --dataPath DIR --nEpochs 2`); FDDA_DATA sets dataPath.
-The run writes save_path/log_<...>_<experimentID><id>_repeat[_N]/ (a new _N suffix when it exists; --resume
-continues the unsuffixed one): log.txt (the original's train_test.log), tensorboard events (tb/), manifest.json,
-checkpoint.pth (every epoch), model.pth + generator.pth (best top-1). The best top-1 is appended to results/fdda.jsonl.
+Each run writes its own directory runs/fdda/<model>-<setting>-id<id>-<time>/ (or --name): log.txt (the
+original's train_test.log), tensorboard events (tb/), manifest.json, checkpoint.pth (every epoch, and at the
+next iteration after SIGINT/SIGTERM), model.pth + generator.pth (best top-1), records.jsonl. When it finishes, the
+original's save_path/log_<...>_<experimentID><id>_repeat links to it. --resume [PATH] continues a run exactly.
+The best top-1 is appended to results/fdda.jsonl.
 """
+import glob
 import os
 import shutil
 import sys
@@ -19,25 +22,37 @@ import torch
 if __package__ in (None, ""):                        # run as `python main_cosine_CBNS.py` from fdda/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import interrupt, runs  # noqa: E402
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
+from common.checks import check_range, check_results_writable, check_writable_dir  # noqa: E402
 from common.device import get_rng_state, seed_everything, set_rng_state  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.identity import IDENTITY_KEY, identity  # noqa: E402
+from common.identity import IDENTITY_KEY, sha256_file  # noqa: E402
 from common.results import record  # noqa: E402
-from common.runlog import RunLog  # noqa: E402
 from fdda import distributed, models  # noqa: E402
-from fdda.bns import LIST_FILE, correct_set, load_bns_centers  # noqa: E402
+from fdda.bns import LIST_FILE, bns_paths, correct_set, load_bns_centers  # noqa: E402
+from fdda.checkpoints import check_student, fdda_identity  # noqa: E402
 from fdda.conditional_batchnorm import Generator_imagenet  # noqa: E402
 from fdda.dataloader import CalibrationSet, imagenet_split, loader, test_transform  # noqa: E402
 from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
 from fdda.quantization_utils import freeze_model, unfreeze_model  # noqa: E402
 from fdda.trainer_DBNS_CBNS import Trainer  # noqa: E402
 
+CKPT = "checkpoint.pth"
+# options a --resume must share with the run it continues (the rest: paths, workers, evaluation only)
+FREE_ON_RESUME = ("dataPath", "save_path", "nThreads", "GPU", "nGPU", "test_batchSize", "test_teacher",
+                  "test_start_epoch")
+
 
 def make_parser(f8l8):
     p = script_parser("FDDA training" + (" (F8L8)" if f8l8 else ""), models.MODELS)
     p.add_argument("--id", type=int, default=0, help="experiment id: seed = id + 3, run dir tag (default 0)")
-    p.add_argument("--resume", action="store_true", help="continue the run in the existing run directory")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a killed run exactly from its checkpoint.pth (PATH: the file or its run "
+                        "directory; default: the --name run, else the newest run of these flags)")
+    p.add_argument("--name", default="", help="run directory runs/fdda/<name> (default: "
+                                             "<model>-<setting>-id<id>-<time stamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in runs/fdda/<name>")
     p.add_argument("--teacher_path", default=None,
                    help="pretrained weights file (default: the original's file in its store); 'random' = random "
                         "initialisation (smoke runs: recorded as dataset 'synthetic', never as a reproduction)")
@@ -51,28 +66,80 @@ class Quiet:
     def scalar(self, *a):
         pass
 
+    def flush(self):
+        pass
+
     def close(self):
         pass
 
 
-def run_directory(opt, resume):
-    """save_path/<original name>: a fresh run takes the first free _N suffix, --resume the unsuffixed one."""
-    base = os.path.join(opt.save_path, opt.run_dir_name())
-    if resume:
-        ckpt = os.path.join(base, "checkpoint.pth")
-        if not os.path.isfile(ckpt):
-            raise UserError(f"--resume: no {ckpt} to continue (start without --resume)")
-        return base
-    d, n = base, 1
-    while os.path.exists(d):
-        d, n = f"{base}_{n}", n + 1
-    return d
+def run_name(args, setting):
+    return f"{args.model_name}-{setting}-id{args.id}"
+
+
+def resume_path(args, root, name, opt):
+    """--resume [PATH]: the file, a run directory's checkpoint.pth, the --name run's, or the newest run of these
+    flags (runs/fdda/<name>-*, or the original's save_path/log_... directory)."""
+    if args.resume:
+        return os.path.join(args.resume, CKPT) if os.path.isdir(args.resume) else args.resume
+    if args.name:
+        return os.path.join(root, args.name, CKPT)
+    found = [p for p in glob.glob(os.path.join(glob.escape(root), glob.escape(name) + "-*", CKPT))
+             + [os.path.join(opt.save_path, opt.run_dir_name(), CKPT)] if os.path.isfile(p)]
+    if not found:
+        raise UserError(f"--resume: no {CKPT} of a {name} run under {root} (start without --resume, or pass "
+                        f"--resume PATH)")
+    return max(found, key=os.path.getmtime)
+
+
+def plan_run(args, opt, setting):
+    """(run directory, --resume checkpoint or None), decided and checked before any data is read; a new run
+    never reuses another's directory (common.runs)."""
+    name = run_name(args, setting)
+    if args.resume is not None:
+        path = resume_path(args, os.path.join(runs.runs_root(), "fdda"), name, opt)
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: {path} not found (start without --resume, or pass --resume PATH)")
+        d = os.path.dirname(os.path.realpath(path))
+        check_writable_dir(d, "--resume")
+        return d, path
+    return runs.plan_run_dir("fdda", (name,), name=args.name, overwrite=args.overwrite), None
+
+
+def bns_sha256(save_path, model_name):
+    """One sha256 over the four BNS-center files: a resumed run must use the centers it started with."""
+    return sha256_of_text("".join(sha256_file(p) for p in bns_paths(save_path, model_name).values()))
+
+
+def sha256_of_text(text):
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_resume(ckpt, path, args, opt, f8l8, bns):
+    """The run a --resume continues must be this one: same network, bits, F8L8, recipe and BNS centers."""
+    check_student(ckpt, path, args.model_name, opt.qw, opt.qa, f8l8, flag="--resume",
+                  script="main_cosine_CBNS_8F8L.py" if f8l8 else "main_cosine_CBNS.py")
+    if "student" not in ckpt:
+        raise UserError(f"--resume {path} is not a run checkpoint (checkpoint.pth of main_cosine_CBNS.py)")
+    saved = ckpt.get("options") or {}
+    for k, v in opt.as_dict().items():
+        if k in saved and k not in FREE_ON_RESUME and saved[k] != v:
+            raise UserError(f"--resume {path} was written with {k} = {saved[k]!r} but this run has {k} = {v!r}; "
+                            f"resume with the run's flags")
+    was = ckpt.get(IDENTITY_KEY, {}).get("bns_sha256")
+    if was and was != bns:
+        raise UserError(f"--resume {path}: the BNS centers in {opt.save_path} changed since this run started "
+                        f"(sha256 {was[:12]}..., now {bns[:12]}...; re-created by BNScenters.py?); start a new run")
 
 
 def main(f8l8=False):
     args = make_parser(f8l8).parse_args()
     require(args, models.MODELS)
-    opt = Option.from_args(args.conf_path, overrides_from(args))
+    opt = Option.from_args(args.conf_path, overrides_from(args))      # every hocon value's range: one line
+    check_range("--id", args.id, lo=0)
+    if args.overwrite and args.resume is not None:
+        raise UserError("--overwrite replaces a run and --resume continues one: pass only one of them")
     if args.manualSeed is None:
         opt.manualSeed = args.id + 3                                  # the original's seed
     opt.experimentID = opt.experimentID + "{:0>2d}_repeat".format(args.id)
@@ -81,7 +148,10 @@ def main(f8l8=False):
     start_layer = models.dbns_start_layer(L)
     setting = setting_name(opt.qw, opt.qa, f8l8)
 
-    # ---- every check that can fail on user input, before any work
+    # ---- every check that can fail on user input, before any work: outputs first, then inputs
+    check_results_writable()
+    run_dir, ckpt_path = plan_run(args, opt, setting)
+    check_writable_dir(opt.save_path, "save_path")                   # its log_... link to the finished run
     val_set = imagenet_split(opt.dataPath, "val", test_transform(opt.img_size))
     true_mean, true_var, path_label, teacher_output = load_bns_centers(opt.save_path, args.model_name, L)
     n_classes = len(true_mean)
@@ -92,15 +162,12 @@ def main(f8l8=False):
     if len(val_set.classes) != n_classes:
         raise UserError(f"{opt.dataPath} has {len(val_set.classes)} classes but the BNS centers in {opt.save_path} "
                         f"were made on {n_classes}: re-run BNScenters.py on this dataset")
+    bns = bns_sha256(opt.save_path, args.model_name)
+    ckpt = None
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path, what="resume checkpoint", flag="--resume")
+        check_resume(ckpt, ckpt_path, args, opt, f8l8, bns)
     teacher, source = models.build_teacher(args.model_name, args.teacher_path, opt.nClasses, opt.manualSeed)
-    run_dir = run_directory(opt, args.resume)
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth"), what="resume checkpoint") if args.resume \
-        else None
-    if ckpt is not None:
-        for key, want in (("model_name", args.model_name), ("qw", opt.qw), ("qa", opt.qa), ("f8l8", f8l8)):
-            if ckpt.get(key) != want:
-                raise UserError(f"--resume: {run_dir} is a run with {key} = {ckpt.get(key)!r}, not {want!r}; "
-                                f"resume with the same flags and script")
 
     dist = distributed.setup(opt.GPU)
     device = dist.device
@@ -119,9 +186,27 @@ def main(f8l8=False):
         val_set = torch.utils.data.Subset(val_set, range(dist.rank, len(val_set), dist.world))
     val_loader = loader(val_set, opt.test_batchSize, shuffle=False, workers=opt.nThreads)
 
-    log = RunLog(run_dir, dict(opt.as_dict(), model_name=args.model_name, f8l8=f8l8, teacher=source,
-                               world_size=dist.world), seed=opt.manualSeed, device=device) if dist.main else Quiet()
-    if dist.main and not args.resume:        # the config and the calibration set this run used, for replay
+    recipe = opt.recipe(source)
+    if dist.main:
+        log = runs.start_run("fdda", run_dir, dict(opt.as_dict(), model_name=args.model_name, f8l8=f8l8,
+                                                   teacher=source, world_size=dist.world, resume=ckpt_path),
+                             seed=opt.manualSeed, device=device, recipe=recipe, overwrite=args.overwrite).log
+    else:
+        log = Quiet()
+    try:
+        train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_path, bns, dist, device, log,
+                  recipe, source, teacher, student, generator, true_mean, true_var, teacher_output, n_classes,
+                  calib_loader, val_loader)
+    finally:
+        runs.end_run()                   # text log and tensorboard closed, also on SIGINT/SIGTERM
+        dist.close()
+
+
+def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_path, bns, dist, device, log, recipe,
+              source, teacher, student, generator, true_mean, true_var, teacher_output, n_classes, calib_loader,
+              val_loader):
+    L = spec.bn_layers
+    if dist.main and ckpt is None:       # the config and the calibration set this run used, for replay
         for src in (args.conf_path, os.path.join(opt.save_path, LIST_FILE.format(m=args.model_name)),
                     os.path.join(opt.save_path, f"{args.model_name}_BNScenters.json")):
             if os.path.isfile(src):
@@ -130,81 +215,129 @@ def main(f8l8=False):
              f"DBNS/CBNS from layer {start_layer}; correct set {len(correct_set(teacher_output))}/{n_classes}; "
              f"{dist.world} process(es) on {device}; run dir {run_dir}")
     short = opt.shortened()
-    recipe = opt.recipe(source)
     if short:
         log.info(f"shortened recipe (not a reproduction): {short}")
     trainer = Trainer(student, teacher, generator, opt, true_mean, true_var, correct_set(teacher_output), n_classes,
                       L, start_layer, device, dist, calib_loader, val_loader, log)
 
-    start_epoch, best_top1, best_top5, best_epoch = 0, 0.0, 0.0, -1
+    start_epoch, skip, sums, best_top1, best_top5, best_epoch = 0, 0, None, 0.0, 0.0, -1
     if ckpt is not None:
         load_model_state(student, ckpt["student"], what="resume checkpoint (student)")
         load_model_state(generator, ckpt["generator"], what="resume checkpoint (generator)")
         trainer.load_state_dict(ckpt["trainer"])
         start_epoch, best_top1, best_top5, best_epoch = ckpt["epoch"], ckpt["best_top1"], ckpt["best_top5"], \
             ckpt["best_epoch"]
+        skip = int(ckpt.get("batch", 0))         # a checkpoint inside epoch `start_epoch`, after `skip` iterations
         if dist.enabled:             # rank 0's RNG state must not be shared: a fresh stream per rank and epoch
-            seed_everything(opt.manualSeed + 1000 * dist.rank + 7919 * start_epoch)
+            seed_everything(opt.manualSeed + 1000 * dist.rank + 7919 * start_epoch + 104729 * skip)
         else:
             set_rng_state(ckpt["rng"][0])
-        log.info(f"resumed from {run_dir}/checkpoint.pth at epoch {start_epoch + 1}")
+            if skip:                 # the calibration order of the interrupted epoch, where it was
+                trainer.restore_iterator(ckpt["trainer"].get("iterator"))
+        if skip:
+            sums = ckpt["partial"]
+        log.info(f"resumed from {ckpt_path} at epoch {start_epoch + 1}" + (f" iteration {skip + 1}" if skip else ""))
     elif opt.test_teacher:
         t1, t5, n = trainer.test_teacher()
         log.info(f"Teacher network: [acc: {t1:.4f}%] top5 {t5:.4f}% on {n} val images")
 
-    t_start, n_val = time.time(), None
-    for epoch in range(start_epoch, opt.nEpochs):
-        freeze_model(student)
-        if epoch < opt.unfreeze_epochs:
-            unfreeze_model(student)                  # calibrate activation ranges (EMA) in the early epochs
-        t0 = time.time()
-        m = trainer.train(epoch)
-        freeze_model(student)
-        line = (f"[Epoch {epoch + 1}/{opt.nEpochs}] [acc: {m['fp_acc']:.4f}%] [G loss: {m['loss_G']:f}] "
-                f"[One-hot loss: {m['one_hot']:f}] [BNS_loss:{m['BNS']:f}] [D_BNS_loss:{m['D_BNS']:f}] "
-                f"[loss_one_hot_BNScenters:{m['one_hot_BNScenters']:f}] [C_BNS_loss:{m['C_BNS']:f}] "
-                f"[S loss: {m['loss_S']:f}]")
-        for k, v in m.items():
-            log.scalar(f"train/{k}", v, epoch + 1)
-        improved = False
-        if epoch >= opt.test_start_epoch:
-            top1, top5, n_val = trainer.test()
-            line += f" [val top1: {top1:.4f}% top5: {top5:.4f}%]"
-            log.scalar("val/top1", top1, epoch + 1)
-            log.scalar("val/top5", top5, epoch + 1)
-            if top1 >= best_top1 or best_epoch < 0:
-                best_top1, best_top5, best_epoch, improved = top1, top5, epoch, True
-        dt = time.time() - t0
-        eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (opt.nEpochs - epoch - 1)
-        log.info(f"{line} ({dt:.1f}s, ETA {eta / 60:.1f} min)")
-        if best_epoch >= 0:
-            log.info(f"#==>Best Result is: Top1 Accuracy: {best_top1:f}, Top5 Accuracy: {best_top5:f} "
-                     f"(epoch {best_epoch + 1})")
+    def meta(epoch, finished=None):
+        return {"paper": "fdda", "model_name": args.model_name, "qw": opt.qw, "qa": opt.qa, "f8l8": f8l8,
+                "nClasses": opt.nClasses, "teacher": source, "clip_ste": opt.clip_ste,
+                "shortened": bool(short), "recipe": recipe, "options": opt.as_dict(),
+                IDENTITY_KEY: fdda_identity(args.model_name, opt, f8l8, recipe, source, "train", epoch,
+                                            finished=finished, bns_sha256=bns)}
+
+    ckpt_file = os.path.join(run_dir, CKPT)
+
+    def run_state(epoch, **extra):
+        return dict(meta(epoch), student=student.state_dict(), generator=generator.state_dict(),
+                    best_top1=best_top1, best_top5=best_top5, best_epoch=best_epoch, world_size=dist.world,
+                    epoch=epoch, **extra)
+
+    stopped = {}
+
+    def on_interrupt(i, sums_now):               # SIGINT/SIGTERM: save after this iteration, atomically, stop
         if dist.main:
-            meta = {"paper": "fdda", "model_name": args.model_name, "qw": opt.qw, "qa": opt.qa, "f8l8": f8l8,
-                    "nClasses": opt.nClasses, "teacher": source, "clip_ste": opt.clip_ste,
-                    "shortened": bool(short), "recipe": recipe,
-                    IDENTITY_KEY: identity("fdda", args.model_name, opt.qw, "F8L8" if f8l8 else "uniform",
-                                           "train", recipe=recipe, qa=opt.qa)}
-            if improved:
-                save_checkpoint(dict(meta, state_dict=student.state_dict(), epoch=epoch + 1, top1=best_top1),
-                                os.path.join(run_dir, "model.pth"))
-                save_checkpoint(generator.state_dict(), os.path.join(run_dir, "generator.pth"))
-            save_checkpoint(dict(meta, student=student.state_dict(), generator=generator.state_dict(),
-                                 trainer=trainer.state_dict(), epoch=epoch + 1, best_top1=best_top1,
-                                 best_top5=best_top5, best_epoch=best_epoch, world_size=dist.world,
-                                 rng=[get_rng_state()]), os.path.join(run_dir, "checkpoint.pth"))
-        dist.barrier()
+            save_checkpoint(run_state(epoch, batch=i + 1, interrupted=True, rng=[get_rng_state()],
+                                      trainer=trainer.state_dict(iterator=True),
+                                      partial={k: v.detach().cpu() for k, v in sums_now.items()}), ckpt_file)
+            log.flush()
+        stopped["at"] = f"epoch {epoch + 1} iteration {i + 1}"
+        interrupt.stop(stopped["at"])
+
+    eta = runs.ETA(opt.nEpochs, start_epoch, opt.iters_per_epoch, say=log.info)
+    t_start, n_val, epoch = time.time(), None, start_epoch
+    try:
+        with interrupt.armed():
+            for epoch in range(start_epoch, opt.nEpochs):
+                freeze_model(student)
+                if epoch < opt.unfreeze_epochs:
+                    unfreeze_model(student)          # calibrate activation ranges (EMA) in the early epochs
+                t0 = time.time()
+                first = epoch == start_epoch
+                m = trainer.train(epoch, start=skip if first else 0, sums=sums if first else None,
+                                  on_interrupt=on_interrupt, eta=eta)
+                freeze_model(student)
+                line = (f"[Epoch {epoch + 1}/{opt.nEpochs}] [acc: {m['fp_acc']:.4f}%] [G loss: {m['loss_G']:f}] "
+                        f"[One-hot loss: {m['one_hot']:f}] [BNS_loss:{m['BNS']:f}] [D_BNS_loss:{m['D_BNS']:f}] "
+                        f"[loss_one_hot_BNScenters:{m['one_hot_BNScenters']:f}] [C_BNS_loss:{m['C_BNS']:f}] "
+                        f"[S loss: {m['loss_S']:f}]")
+                for k, v in m.items():
+                    log.scalar(f"train/{k}", v, epoch + 1)
+                improved = False
+                if epoch >= opt.test_start_epoch:
+                    top1, top5, n_val = trainer.test()
+                    line += f" [val top1: {top1:.4f}% top5: {top5:.4f}%]"
+                    log.scalar("val/top1", top1, epoch + 1)
+                    log.scalar("val/top5", top5, epoch + 1)
+                    if top1 >= best_top1 or best_epoch < 0:
+                        best_top1, best_top5, best_epoch, improved = top1, top5, epoch, True
+                log.flush()
+                log.info(f"{line} ({time.time() - t0:.1f}s; {eta.line(epoch + 1)})")
+                if best_epoch >= 0:
+                    log.info(f"#==>Best Result is: Top1 Accuracy: {best_top1:f}, Top5 Accuracy: {best_top5:f} "
+                             f"(epoch {best_epoch + 1})")
+                if dist.main:
+                    if improved:
+                        save_checkpoint(dict(meta(epoch + 1), state_dict=student.state_dict(), epoch=epoch + 1,
+                                             top1=best_top1), os.path.join(run_dir, "model.pth"))
+                        save_checkpoint({"state_dict": generator.state_dict(),
+                                         IDENTITY_KEY: fdda_identity(args.model_name, opt, f8l8, recipe, source,
+                                                                     "generator", epoch + 1, bns_sha256=bns)},
+                                        os.path.join(run_dir, "generator.pth"))
+                    save_checkpoint(run_state(epoch + 1, trainer=trainer.state_dict(), rng=[get_rng_state()]),
+                                    ckpt_file)
+                dist.barrier()
+                if trainer.stop_requested():         # a signal during evaluation: stop after this epoch
+                    stopped["at"] = f"after epoch {epoch + 1}"
+                    interrupt.stop(stopped["at"])
+    except KeyboardInterrupt as e:                   # common.errors.run_main prints e.message, exits 130/143
+        e.message = (f"{stopped['at']}: resumable checkpoint saved to {ckpt_file}; continue with the same flags "
+                     f"and --resume {ckpt_file}" if stopped else
+                     f"stopped in epoch {epoch + 1}; --resume {ckpt_file} continues from the last finished epoch")
+        raise
+    if dist.main and best_epoch >= 0:
+        finish_model(os.path.join(run_dir, "model.pth"), recipe)
     if dist.main and best_epoch >= 0 and n_val:
         record("fdda", model=args.model_name, dataset="imagenet" if source != "random" else "synthetic",
                split="val", setting=setting, metric="top1", value=best_top1, recipe=recipe, seed=opt.manualSeed,
-               run_dir=run_dir,
                n_samples=n_val, extra={"top5": best_top5, "best_epoch": best_epoch + 1, "teacher": source,
                                        "selection": "best epoch on val (as the published numbers)",
-                                       "world_size": dist.world})
+                                       "world_size": dist.world, "data": os.path.abspath(opt.dataPath),
+                                       "checkpoint": os.path.abspath(os.path.join(run_dir, "model.pth"))})
     log.info(f"Running Time is: {time.time() - t_start:.1f}s; model: {os.path.join(run_dir, 'model.pth')}")
-    log.close()
-    dist.close()
+    if dist.main:                    # the original's save_path/log_... -> this finished run
+        runs.link_latest(run_dir, os.path.join(opt.save_path, opt.run_dir_name()), say=log.info)
+
+
+def finish_model(path, recipe):
+    """model.pth was written mid-run (best epoch so far): now that the run has finished, its identity says so."""
+    if os.path.exists(path):
+        ck = load_checkpoint(path, what="model.pth")
+        if not ck[IDENTITY_KEY].get("finished"):
+            ck[IDENTITY_KEY] = dict(ck[IDENTITY_KEY], finished=True, recipe=recipe)
+            save_checkpoint(ck, path)
 
 
 if __name__ == "__main__":

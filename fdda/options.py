@@ -9,6 +9,7 @@ value of the wrong type or a file that does not parse is one UserError line.
 import argparse
 import os
 
+from common.checks import check_range
 from common.errors import UserError
 from fdda.quantization_utils import check_bits
 
@@ -108,9 +109,14 @@ class Option:
             if getattr(self, k) < 1:
                 raise UserError(f"{k} = {getattr(self, k)} must be at least 1")
         for k in ("warmup_epochs", "unfreeze_epochs", "correct_set_epoch", "test_start_epoch", "nThreads",
-                  "manualSeed", "GPU"):
+                  "manualSeed", "GPU", "lr_S", "lr_G", "lr", "weightDecay", "BNLoss_weight", "D_BNSLoss_weight",
+                  "C_BNSLoss_weight", "alpha", "dbns_mean_std", "dbns_var_std"):
             if getattr(self, k) < 0:
                 raise UserError(f"{k} = {getattr(self, k)} must not be negative")
+        for k, lo, hi in (("momentum", 0, 1), ("b1", 0, 1), ("b2", 0, 1), ("decayRate_G", 0, 1)):
+            check_range(k + " =", getattr(self, k), lo=lo, hi=hi, hi_open=k in ("b1", "b2"))
+        for k in ("temperature", "ccbn_eps"):
+            check_range(k + " =", getattr(self, k), lo=0, lo_open=True)
         if self.dataset != "imagenet":
             raise UserError(f"dataset = {self.dataset!r}: the FDDA recipe supports only \"imagenet\" "
                             f"(an ImageNet-style ImageFolder under dataPath)")

@@ -9,8 +9,9 @@
 # the published 400), TEACHER (pretrained weights file; default: the original's file in pytorchcv's store
 # ~/.torch/models or torch.hub's checkpoints folder), ID (--id, default 0), PYTHON, TORCHRUN=N (N processes).
 # SMOKE=1: no ImageNet and no weights needed: a generated 3-class ImageFolder, random networks at 224 px and a
-# 2-epoch, 1-iteration recipe, written under runs/fdda-smoke/ (records in runs/fdda-smoke/results: shortened,
-# never shown as a reproduction; SMOKE_DIR moves it). It checks that the pipeline runs, nothing else.
+# 2-epoch, 1-iteration recipe, written under runs/fdda-smoke/ (run directories in runs/fdda-smoke/runs, records
+# in runs/fdda-smoke/results: shortened, never shown as a reproduction; SMOKE_DIR moves it). It checks that the
+# pipeline runs, nothing else.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python}
@@ -26,7 +27,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     OUT=${SMOKE_DIR:-$ROOT/runs/fdda-smoke}
     rm -rf "$OUT"
     mkdir -p "$OUT"
-    export RESULTS_DIR="$OUT/results"
+    export RESULTS_DIR="$OUT/results" QUANTLAB_RUNS="$OUT/runs"
     "$PY" smoke_data.py "$OUT/data" --classes 3 --train 2 --val 2 --size 64 >/dev/null
     COMMON=(--dataPath "$OUT/data" --save_path "$OUT/save_ImageNet/")
     echo "== SMOKE: $MODEL W${BITS}A${BITS}${F8L8:+ F8L8} on a generated 3-class ImageFolder, random networks, 224 px"

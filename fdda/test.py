@@ -2,11 +2,12 @@
 
     cd fdda && python test.py --conf_path imagenet_config.hocon --model_name resnet18 --model_path PathToModel
 
-PathToModel is a model.pth written by main_cosine_CBNS.py (it records model, qw, qa and F8L8: evaluating
-it under other flags is an error) or one of the authors' released state dicts (bare, keys of the quantized
-network; they carry no bit-width, so set qw/qa as the release says). qw/qa come from the hocon file or
---qw/--qa. Activation ranges are frozen; cur_x_* buffers are ignored, as in the original. The result is
-appended to results/fdda.jsonl.
+PathToModel is a model.pth (or checkpoint.pth) written by main_cosine_CBNS.py: it says what it is (network,
+qw, qa, F8L8, recipe; common.identity) and evaluating it under other flags is one error line. The authors'
+released state dicts (bare, keys of the quantized network) carry no bit-width, so set qw/qa as the release says;
+a full-precision state dict is refused. qw/qa come from the hocon file or --qw/--qa. Activation ranges are
+frozen; cur_x_* buffers are ignored, as in the original. The result is appended to results/fdda.jsonl with the
+checkpoint's recipe (a checkpoint of an unfinished run is recorded as shortened).
 """
 import os
 import sys
@@ -17,9 +18,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from common.checks import check_results_writable  # noqa: E402
+from common.device import seed_everything  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.results import record  # noqa: E402
 from fdda import distributed, models  # noqa: E402
+from fdda.checkpoints import check_student, checkpoint_recipe  # noqa: E402
 from fdda.dataloader import imagenet_split, loader, test_transform  # noqa: E402
 from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
 from fdda.quantization_utils import freeze_model  # noqa: E402
@@ -33,22 +37,24 @@ def make_parser(f8l8):
 
 
 def student_state(ckpt, model_name, qw, qa, f8l8, path):
-    """(state dict without cur_x_* buffers, metadata or {}); a checkpoint of another run is one line."""
-    if isinstance(ckpt, dict) and ckpt.get("paper") == "fdda":
-        for key, want in (("model_name", model_name), ("qw", qw), ("qa", qa), ("f8l8", f8l8)):
-            if ckpt.get(key) != want:
-                script = "test_8F8L.py" if ckpt.get("f8l8") else "test.py"
-                raise UserError(f"--model_path {path} is a {ckpt.get('model_name')} W{ckpt.get('qw')}A{ckpt.get('qa')}"
-                                f"{' F8L8' if ckpt.get('f8l8') else ''} student ({key} = {ckpt.get(key)!r}, not "
-                                f"{want!r}); evaluate it with {script} --model_name {ckpt.get('model_name')} "
-                                f"--qw {ckpt.get('qw')} --qa {ckpt.get('qa')}")
-        sd, meta = ckpt["state_dict"], ckpt
+    """(state dict without cur_x_* buffers, metadata or {}, identity or None, note); a checkpoint of another
+    network, bit-width or F8L8 setting, or a full-precision one, is one line naming both."""
+    ident, note = check_student(ckpt, path, model_name, qw, qa, f8l8, script="test_8F8L.py" if f8l8 else "test.py")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        sd, meta = ckpt["state_dict"], ckpt                       # model.pth
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("student"), dict):
+        sd, meta = ckpt["student"], ckpt                          # checkpoint.pth (the run's latest state)
     elif isinstance(ckpt, dict) and ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
-        sd, meta = ckpt, {}
+        sd, meta = ckpt, {}                                       # the authors' released students
+        if not any(k.endswith(".x_min") for k in sd):
+            raise UserError(f"--model_path {path} is a full-precision {model_name} state dict (no activation-"
+                            f"quantizer ranges) but {'test_8F8L.py' if f8l8 else 'test.py'} evaluates a quantized "
+                            f"{setting_name(qw, qa, f8l8)} student; pass a model.pth written by main_cosine_CBNS.py "
+                            f"or the authors' released student")
     else:
         raise UserError(f"--model_path {path} holds no student state dict (expected main_cosine_CBNS.py's model.pth "
                         f"or the authors' released model)")
-    return {k: v for k, v in sd.items() if "cur_x" not in k}, meta
+    return {k: v for k, v in sd.items() if "cur_x" not in k}, meta, ident, note
 
 
 def main(f8l8=False):
@@ -56,9 +62,10 @@ def main(f8l8=False):
     require(args, models.MODELS, model_path="PathToModel (a model.pth written by main_cosine_CBNS.py)")
     opt = Option.from_args(args.conf_path, overrides_from(args))
     models.check_model_name(args.model_name)
-    val_set = imagenet_split(opt.dataPath, "val", test_transform(opt.img_size))
+    check_results_writable()                                      # before anything is read
     ckpt = load_checkpoint(args.model_path, what="student model", flag="--model_path")
-    sd, meta = student_state(ckpt, args.model_name, opt.qw, opt.qa, f8l8, args.model_path)
+    sd, meta, ident, note = student_state(ckpt, args.model_name, opt.qw, opt.qa, f8l8, args.model_path)
+    val_set = imagenet_split(opt.dataPath, "val", test_transform(opt.img_size))
     n_out = meta.get("nClasses", opt.nClasses)
     student = models.build_student(models.build(args.model_name, n_out), args.model_name, opt.qw, opt.qa, f8l8,
                                    meta.get("clip_ste", opt.clip_ste))
@@ -70,19 +77,25 @@ def main(f8l8=False):
                         f"{len(sd)} tensors in the file; check --model_name")
     freeze_model(student)
     dist = distributed.setup(opt.GPU)
+    seed = seed_everything(opt.manualSeed)                        # evaluation draws nothing; logged all the same
     student.to(dist.device)
     if dist.enabled:
         val_set = torch.utils.data.Subset(val_set, range(dist.rank, len(val_set), dist.world))
+    if dist.main:
+        print(f"=> device {dist.device}, seed {seed}, {dist.world} process(es); evaluating {args.model_path}"
+              + (f" ({note})" if note else ""))
     top1, top5, n = evaluate(student, loader(val_set, opt.test_batchSize, False, opt.nThreads), dist.device, dist)
     if dist.main:
         print(f"#==>Best Result is: Top1 Error: {100 - top1:f}, Top5 Error: {100 - top5:f}")
         print(f"#==>Best Result is: Top1 Accuracy: {top1:f}, Top5 Accuracy: {top5:f} ({n} val images)")
         teacher = meta.get("teacher", "released model")
+        extra = {"top5": top5, "model_path": os.path.abspath(args.model_path), "teacher": teacher,
+                 "trained_epochs": meta.get("epoch"), "data": os.path.abspath(opt.dataPath)}
+        if note:
+            extra["checkpoint_note"] = note
         record("fdda", model=args.model_name, dataset="synthetic" if teacher == "random" else "imagenet",
                split="val", setting=setting_name(opt.qw, opt.qa, f8l8), metric="top1", value=top1, n_samples=n,
-               recipe=meta.get("recipe"),
-               extra={"top5": top5, "model_path": os.path.abspath(args.model_path), "teacher": teacher,
-                      "trained_epochs": meta.get("epoch")})
+               recipe=checkpoint_recipe(ident), seed=seed, extra=extra)
     dist.close()
 
 

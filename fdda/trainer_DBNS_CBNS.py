@@ -20,6 +20,8 @@ import random
 import torch
 import torch.nn.functional as F
 
+from common import interrupt
+from common.device import get_rng_state, set_rng_state
 from common.meters import accuracy, progress
 from fdda.bns import BNStats
 
@@ -73,7 +75,7 @@ class Trainer:
         self.scheduler_S = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer_S, T_max=s.cosine_epochs * s.iters_per_epoch, eta_min=0.0)
         self.optimizer_G = torch.optim.Adam(generator.parameters(), lr=s.lr_G, betas=(s.b1, s.b2))
-        self._iterator = None
+        self._iterator, self._iter_state = None, None
         self.step = 0
 
     # ------------------------------------------------------------------ losses
@@ -131,28 +133,70 @@ class Trainer:
             g["lr"] = lr
         return lr
 
+    def _new_iterator(self):
+        """A fresh (reshuffled) iterator of the calibration set; what it was made from is remembered (the RNG
+        before it was made and before its first draw, and the batches drawn) so that a checkpoint inside an
+        epoch can rebuild it at the same place (restore_iterator)."""
+        self._iterator, self._iter_state = None, None
+        if self.true_data_loader is not None:
+            self._iter_state = {"iter_rng": get_rng_state(), "first_rng": None, "drawn": 0}
+            self._iterator = iter(self.true_data_loader)
+
     def _real_batch(self):
+        if self._iter_state["drawn"] == 0:
+            self._iter_state["first_rng"] = get_rng_state()     # the sampler draws its order at the first batch
         try:
             batch = next(self._iterator)
         except StopIteration:                                  # the original's 're-iterator of true_data_loader'
-            self._iterator = iter(self.true_data_loader)
+            self._new_iterator()
+            self._iter_state["first_rng"] = get_rng_state()
             batch = next(self._iterator)
+        self._iter_state["drawn"] += 1
         images, _, labels = batch
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def train(self, epoch):
-        """One epoch; returns a dict of epoch-mean losses and the teacher's accuracy on G (host sync once)."""
+    def restore_iterator(self, state):
+        """Rebuild the calibration iterator an interrupted epoch was using: made from the same RNG state, the
+        same order, advanced by the batches it had given; the RNG is left as it was."""
+        if state is None or self.true_data_loader is None:
+            return
+        now = get_rng_state()
+        set_rng_state(state["iter_rng"])
+        self._iterator = iter(self.true_data_loader)
+        if state["drawn"]:
+            set_rng_state(state["first_rng"])
+            for _ in range(state["drawn"]):
+                next(self._iterator)
+        self._iter_state = dict(state)
+        set_rng_state(now)
+
+    def stop_requested(self):
+        """SIGINT/SIGTERM arrived (common.interrupt); under torchrun every rank stops at the same iteration."""
+        flag = interrupt.requested() is not None
+        if self.dist.enabled:
+            flag = self.dist.sum([float(flag)])[0] > 0
+        return flag
+
+    def train(self, epoch, start=0, sums=None, on_interrupt=None, eta=None):
+        """One epoch; returns a dict of epoch-mean losses and the teacher's accuracy on G (host sync once).
+
+        start, sums: continue an epoch interrupted after `start` iterations, with its running loss sums (the
+        calibration iterator restored by restore_iterator). on_interrupt(i, sums): after iteration i when a
+        signal arrived. eta: common.runs.ETA (whole-run estimate after the first iterations)."""
         s = self.settings
         lr_G = self.update_lr(epoch)
         self.model.eval()                 # the student's BN statistics stay fixed; its affine params learn
         self.model_teacher.eval()
         self.generator.train()
         student_phase = epoch >= s.warmup_epochs
-        # a fresh (reshuffled) iterator every epoch, created before the first draw, as the original
-        self._iterator = iter(self.true_data_loader) if self.true_data_loader is not None else None
+        if start == 0 or self._iterator is None:
+            # a fresh (reshuffled) iterator every epoch, created before the first draw, as the original
+            self._new_iterator()
         keys = ("loss_G", "one_hot", "BNS", "D_BNS", "one_hot_BNScenters", "C_BNS", "loss_S", "fp_acc")
-        sums = {k: torch.zeros((), device=self.device) for k in keys}
-        for i in progress(range(s.iters_per_epoch), desc=f"epoch {epoch + 1}/{s.nEpochs}"):
+        if sums is None:
+            sums = {k: torch.zeros((), device=self.device) for k in keys}
+        sums = {k: sums[k].to(self.device) for k in keys}
+        for i in progress(range(start, s.iters_per_epoch), desc=f"epoch {epoch + 1}/{s.nEpochs}"):
             if student_phase:
                 images, labels = self._real_batch()
             z = torch.randn(s.batchSize, s.latent_dim, device=self.device)
@@ -200,6 +244,10 @@ class Trainer:
             sums["BNS"] += bns.detach()
             sums["fp_acc"] += (G_out_T.argmax(1) == G_labels).float().mean()
             self.step += 1
+            if eta is not None:
+                eta.batch(i, start)
+            if on_interrupt is not None and self.stop_requested():
+                on_interrupt(i, sums)
         out = {k: float(v) / s.iters_per_epoch for k, v in sums.items()}
         out["fp_acc"] *= 100.0
         out["lr_G"], out["lr_S"] = lr_G, self.optimizer_S.param_groups[0]["lr"]
@@ -218,9 +266,14 @@ class Trainer:
         finally:
             self.stats.active = True
 
-    def state_dict(self):
-        return {"optimizer_S": self.optimizer_S.state_dict(), "scheduler_S": self.scheduler_S.state_dict(),
-                "optimizer_G": self.optimizer_G.state_dict(), "step": self.step}
+    def state_dict(self, iterator=False):
+        """Optimizers, schedule and step; iterator=True (a checkpoint inside an epoch): also where the
+        calibration iterator is."""
+        state = {"optimizer_S": self.optimizer_S.state_dict(), "scheduler_S": self.scheduler_S.state_dict(),
+                 "optimizer_G": self.optimizer_G.state_dict(), "step": self.step}
+        if iterator and self._iter_state is not None:
+            state["iterator"] = self._iter_state
+        return state
 
     def load_state_dict(self, state):
         self.optimizer_S.load_state_dict(state["optimizer_S"])

@@ -107,7 +107,7 @@ def test_readme_pipeline_and_continue_exactly(tiny_cifar, tmp_path, monkeypatch)
         if calls['n'] == 3:
             raise KeyboardInterrupt
         return real_train(*a, **k)
-    w2b = [x if x != 'cifar10_resnet20_w2.0a2.0' else 'killed' for x in w2]
+    w2b = w2 + ['--name', 'killed']
     monkeypatch.setattr(dm, 'train', dying_train)
     with pytest.raises(KeyboardInterrupt) as stop:
         dm.main(w2b)

@@ -133,10 +133,10 @@ def test_pipeline_end_to_end(data, centers, tmp_path, monkeypatch, capsys):
     assert os.listdir(os.path.join(run, "tb"))                  # tensorboardX events
     ckpt = torch.load(os.path.join(run, "model.pth"), weights_only=True)
     assert (ckpt["model_name"], ckpt["qw"], ckpt["qa"], ckpt["f8l8"]) == ("mobilenetv2_w1", 4, 4, False)
-    # a second run never overwrites the first: it gets the next free suffix
-    opt = main_cosine_CBNS.Option.from_args(CONF, {"batchSize": 4, "nEpochs": 2,
-                                                   "experimentID": "imganet_4bit_00_repeat"}, env={})
-    assert os.path.normpath(main_cosine_CBNS.run_directory(opt, resume=False)) == run + "_1"
+    # the original's run directory is a link to the finished run, which has its own directory under runs/fdda/
+    assert os.path.islink(run)
+    assert os.path.realpath(run).startswith(os.path.join(os.environ["QUANTLAB_RUNS"], "fdda",
+                                                         "mobilenetv2_w1-W4A4-F4L4-id0-"))
 
     code, out, err = call(fdda_test.main, [os.path.join(FDDA, "test.py"), "--conf_path", CONF, "--model_name",
                                            "mobilenetv2_w1", "--model_path", os.path.join(run, "model.pth"),
@@ -155,9 +155,10 @@ def test_pipeline_end_to_end(data, centers, tmp_path, monkeypatch, capsys):
 
     # bad inputs of test.py, in-process: other model / bit-width / F8L8, not a checkpoint
     base = ["test.py", "--conf_path", CONF, "--model_path", os.path.join(run, "model.pth"), "--img_size", "32"]
-    for extra, f8l8, match in ((["--model_name", "regnetx_600m"], False, "model_name = 'mobilenetv2_w1', not"),
-                               (["--model_name", "mobilenetv2_w1", "--qw", "5"], False, "qw = 4, not 5"),
-                               (["--model_name", "mobilenetv2_w1"], True, "f8l8 = False, not True")):
+    for extra, f8l8, match in ((["--model_name", "regnetx_600m"], False, "(model differ); pass test.py --model_name "
+                                                                         "mobilenetv2_w1 --qw 4 --qa 4"),
+                               (["--model_name", "mobilenetv2_w1", "--qw", "5"], False, "4-bit uniform (stage train"),
+                               (["--model_name", "mobilenetv2_w1"], True, "(scheme differ); pass test.py")):
         code, out, err = call(fdda_test.main, base + extra, monkeypatch, capsys, f8l8)
         assert code == 2 and match in err and err.count("\n") == 1, err
     # --resume continues the unsuffixed run: pretend it was killed after epoch 1
@@ -165,7 +166,7 @@ def test_pipeline_end_to_end(data, centers, tmp_path, monkeypatch, capsys):
     torch.save(dict(state, epoch=1), os.path.join(run, "checkpoint.pth"))
     code, out, err = call(main_cosine_CBNS.main, argv + ["--resume"], monkeypatch, capsys)
     assert code == 0 and "at epoch 2" in out and "[Epoch 2/2]" in out and "[Epoch 1/2]" not in out, err
-    assert not os.path.isdir(run + "_1")
+    assert len(os.listdir(os.path.join(os.environ["QUANTLAB_RUNS"], "fdda"))) == 1      # no new run directory
     # BNScenters refuses to replace the centers runs were made with
     code, out, err = call(BNScenters.main, ["BNScenters.py", "--model_name", "mobilenetv2_w1"], monkeypatch, capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err

@@ -92,6 +92,16 @@ def check_identity(ckpt, path, args, power, flag="--resume", any_bits=False):
                             flag=flag, fields=fields, suggest=suggest)
 
 
+def check_compile_backend(backend):
+    """--compile BACKEND must name a torch.compile backend (checked before any work)."""
+    if backend is None:
+        return
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UserError(f"--compile {backend}: not a torch.compile backend; use one of {', '.join(sorted(known))}")
+
+
 def make_optimizer(model, args):
     """SGD over every parameter, act_alpha/weight_alpha included, in one group with --lr/--wd (the original
     ImageNet and MNIST mains; their per-alpha groups are commented out), lr x0.1 at epochs 30, 60, 90."""
@@ -163,8 +173,9 @@ def validate(loader, model, criterion, device, distributed=False, desc="val"):
         output = model(images)
         n = target.size(0)
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        sums += torch.stack([acc1.double() * n / 100, acc5.double() * n / 100,
-                             criterion(output, target).double() * n, torch.tensor(float(n), device=device)])
+        sums[:3] += torch.stack([acc1.double() * n / 100, acc5.double() * n / 100,
+                                 criterion(output, target).double() * n])
+        sums[3] += n                      # a scalar kernel argument: no host-to-device copy, no sync per batch
     if distributed:
         dist.all_reduce(sums)
     c1, c5, loss, n = sums.tolist()

@@ -62,6 +62,9 @@ parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
 parser.add_argument("--checkpoint-dir", default="checkpoint",
                     help="where links to the finished run's checkpoints go, as the original's file names "
                          "(default: checkpoint); the files themselves are in the run directory")
+parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="train and validate through torch.compile(model) (backend: inductor unless named, "
+                         "e.g. aot_eager); checkpoints keep the model's own keys")
 parser.add_argument("--name", default="", help="run name under runs/apot/ (default: flags + time stamp)")
 parser.add_argument("--overwrite", action="store_true", help="replace the run already named --name")
 
@@ -69,6 +72,7 @@ parser.add_argument("--overwrite", action="store_true", help="replace the run al
 def check_args(args):
     """Every range and output directory, before any data is read (one line, exit 2)."""
     check_sgd_flags(args, wd_flag="--wd")
+    engine.check_compile_backend(args.compile)
     if not args.evaluate:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     check_results_writable()
@@ -159,10 +163,11 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.seed is None
 
+    fwd = torch.compile(model, backend=args.compile) if args.compile else model   # after DDP: one graph per rank
     setting = engine.setting_name(args.bit, power)
     if args.evaluate:
         say(f"=> device {device}, seed {seed}")
-        acc1, acc5, loss, n = engine.validate(val_loader, model, criterion, device, distributed)
+        acc1, acc5, loss, n = engine.validate(val_loader, fwd, criterion, device, distributed)
         say(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
         if main_process:
             engine.show_params(model)
@@ -196,10 +201,10 @@ def main():
         for epoch in range(start_epoch, args.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            _, _, step = engine.train(train_loader, model, criterion, optimizer, epoch, args, log, device, step,
+            _, _, step = engine.train(train_loader, fwd, criterion, optimizer, epoch, args, log, device, step,
                                       main_process, skip=skip if epoch == start_epoch else 0, eta=eta,
                                       on_interrupt=None if distributed else on_interrupt)
-            acc1, acc5, loss, n_val = engine.validate(val_loader, model, criterion, device, distributed)
+            acc1, acc5, loss, n_val = engine.validate(val_loader, fwd, criterion, device, distributed)
             scheduler.step()
             log.scalar("loss_val", loss, step)
             log.scalar("acc1_val", acc1, step)

@@ -229,11 +229,19 @@ class QuantTune:
                          f"ba_min:{ba.min():.1f} aw_min:{m.alpha_wgt.min():.3f} aa_min:{m.alpha_act.min():.3f}")
         return lines
 
-    def state(self):
-        """What module buffers do not hold: which layers' alpha_wgt EMA has started (for an exact continuation)."""
-        return {'ema_init': [bool(m.init) for _, m in self.layers]}
+    def state(self, errors=False):
+        """What module buffers do not hold: which layers' alpha_wgt EMA has started (for an exact continuation)
+        and, with errors=True (a checkpoint in the middle of an epoch), the LBA errors accumulated so far."""
+        state = {'ema_init': [bool(m.init) for _, m in self.layers]}
+        if errors:
+            state['w_err'] = [m.w_err.detach().clone() for _, m in self.layers]
+            state['x_err'] = [m.x_err.detach().clone() for _, m in self.layers]
+        return state
 
     def load_state(self, state):
         for (_, m), flag in zip(self.layers, state['ema_init']):
             m.init = bool(flag)
+        for key in ('w_err', 'x_err'):
+            for (_, m), err in zip(self.layers, state.get(key) or ()):
+                getattr(m, key).copy_(err)
         self.load_bit_config()

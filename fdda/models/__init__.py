@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from common.checkpoint import extract_state_dict, load_checkpoint, load_model_state
 from common.errors import UserError
+from common.identity import check_checkpoint, expect
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ def load_pretrained(model, name, path=None, flag="--teacher_path"):
         raise UserError(f"{path} does not have the SHA-1 {spec.sha1} of pytorchcv's {spec.weights}; "
                         f"the file is damaged or another release's: re-download it")
     ckpt = load_checkpoint(path, what=f"pretrained {name} weights", flag=flag)
+    # a file of this project says what it is: the teacher must be full precision (the weights check below
+    # would also fail, but without saying why)
+    check_checkpoint(ckpt, path, expect("fdda", name, bits=32, scheme="fp32"), flag=flag, fields=("bits", "scheme"),
+                     hint="the full-precision weights")
     load_model_state(model, extract_state_dict(ckpt, keys=("model", "state_dict")), strict=True,
                      what=f"pretrained {name} weights {path}")
     return path

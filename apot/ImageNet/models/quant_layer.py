@@ -10,8 +10,10 @@ through the statistics), then
   b == 2       : alpha * round(clamp(w^/alpha, -1, 1)), calibrated gradient (uq_with_calibrated_graditens)
   uniform, b>2 : alpha * round(clamp(w^/alpha, -1, 1) * (2^(b-1)-1)) / (2^(b-1)-1)  (STE)
 Activations (bit b, post-ReLU): alpha * Pi_{Q^a(1, b)}(clamp(a/alpha, 0, 1)), or uniform with 2^b-1 steps.
-Pi runs through each module's `LevelProjector` (sync-free, bit-identical to the original's argmin); a module's
-`reference = True` switches it to `nearest_level_argmin` (tests compare the two).
+Pi runs through each module's `LevelProjector` (sync-free, bit-identical to the original's argmin) inside the
+fused `_APoTSTE` / `_CalibratedTernaryFast` Functions (the chain's exact float32 operations in fewer passes); a
+module's `reference = True` switches it to the autograd chain with `nearest_level_argmin` (tests compare the two
+bit for bit).
 """
 import torch
 import torch.nn as nn
@@ -72,9 +74,13 @@ def apot_quantization(tensor, alpha, proj_set, is_weight=True, grad_scale=None):
 
     Gradients by autograd: d/dtensor = 1 inside the closed clamp range, 0 outside (`clamp_ste`);
     d/dalpha = q - x inside, sign(x) above the range (weights) or 1 above / 0 below (activations).
+    With a LevelProjector on float32 and a scalar alpha this runs as `_APoTSTE` (the same bits, fewer passes).
     """
     if grad_scale:
         alpha = gradient_scale(alpha, grad_scale)
+    if (isinstance(proj_set, LevelProjector) and tensor.dtype == torch.float32 and alpha.dtype == torch.float32
+            and alpha.dim() == 0):
+        return _APoTSTE.apply(tensor, alpha, proj_set, is_weight)
     project = _projection(proj_set)
     data = tensor / alpha
     if is_weight:
@@ -85,6 +91,44 @@ def apot_quantization(tensor, alpha, proj_set, is_weight=True, grad_scale=None):
         hard = project(data)
     data_q = (hard - data).detach() + data
     return data_q * alpha
+
+
+def _sum_to_scalar(t):
+    """What autograd does with the gradient of a 0-dim operand broadcast over t (`at::sum_to`)."""
+    return t.sum(dim=tuple(range(t.dim())), keepdim=True).view(())
+
+
+class _APoTSTE(torch.autograd.Function):
+    """`apot_quantization`'s chain (divide, `clamp_ste`, project, STE, scale) as one Function: the float32
+    operations autograd runs on that chain, minus the identities, with no `torch.where` (which costs as much
+    as ten elementwise passes on a CPU). Bit for bit the chain's values and gradients (tests/test_fast_quant.py):
+      d  = clamp(x, lo, 1), x = tensor/alpha   clamp_ste's value (its -0 -> +0 never reaches dq or a gradient)
+      dq = (Pi(d) - d) + d                       the STE value, rounded as the chain rounds it
+      dtensor = where(lo <= x <= 1, g*alpha, +0) / alpha        WhereBackward, DivBackward0
+      dalpha  = sum(g*dq) - sum(where(...) * (x/alpha))        MulBackward0 + DivBackward0 (-g*((t/a)/a))
+    The mask lo <= x <= 1 is d == x (NaN: outside), applied to the float bits as an int32 product (x 1 keeps
+    them, x 0 gives +0, NaN included); 1.0f >> 29 is 1.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, alpha, proj, is_weight):
+        x = tensor / alpha
+        d = x.clamp(-1.0 if is_weight else 0.0, 1.0)
+        inside = torch.eq(d, x, out=torch.empty_like(x)).view(torch.int32).bitwise_right_shift_(29)  # 1./0. -> 1/0
+        hard = proj(d.abs()).copysign_(d) if is_weight else proj(d)   # = Pi(|d|)*sign(d) wherever dq is not NaN
+        dq = hard.sub_(d).add_(d)
+        ctx.save_for_backward(x, dq, inside, alpha)
+        return dq * alpha
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, dq, inside, alpha = ctx.saved_tensors
+        gx = (grad * alpha).view(torch.int32).mul_(inside).view(torch.float32)
+        grad_tensor = gx / alpha if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = _sum_to_scalar(grad * dq) - _sum_to_scalar(gx.mul_(x / alpha))
+        return grad_tensor, grad_alpha, None, None
 
 
 class _CalibratedTernary(torch.autograd.Function):
@@ -108,10 +152,35 @@ class _CalibratedTernary(torch.autograd.Function):
         return grad_output.clone(), grad_alpha, None
 
 
-def uq_with_calibrated_graditens(grad_scale=None):
+class _CalibratedTernaryFast(torch.autograd.Function):
+    """`_CalibratedTernary` in fewer passes, the same bits: the alpha term sign(x)*1[|x|>1] + (x_q-x)*1[|x|<=1]
+    equals x_q - x*1[|x|<=1] for every x (above the clip x_q = sign(x) and x*0 = +-0; x = +-inf: NaN in both)."""
+
+    @staticmethod
+    def forward(ctx, tensor, alpha, grad_scale):
+        x = tensor / alpha
+        x_c = x.clamp(min=-1, max=1)
+        x_q = x_c.round()
+        inside = torch.eq(x_c, x, out=torch.empty_like(x))                   # 1[|x| <= 1] as 0./1. (NaN: 0)
+        ctx.save_for_backward(torch.addcmul(x_q, inside, x, value=-1))        # x_q - 1*x: the product is exact
+        ctx.grad_scale = grad_scale
+        return x_q.mul_(alpha)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        term, = ctx.saved_tensors
+        grad_alpha = (grad_output * term).sum()
+        if ctx.grad_scale:
+            grad_alpha = grad_alpha * ctx.grad_scale
+        return grad_output, grad_alpha, None
+
+
+def uq_with_calibrated_graditens(grad_scale=None, reference=False):
     """The original's (misspelt) name: returns f(weight, alpha) for 2-bit ternary weights."""
+    fn = _CalibratedTernary if reference else _CalibratedTernaryFast
+
     def quantize(tensor, alpha):
-        return _CalibratedTernary.apply(tensor, alpha, grad_scale)
+        return fn.apply(tensor, alpha, grad_scale)
     return quantize
 
 
@@ -148,7 +217,7 @@ class weight_quantize_fn(nn.Module):
             return weight
         weight = weight.add(-weight.mean()).div(weight.std())     # normalisation, grad through mean/std
         if self.w_bit == 2:
-            return uq_with_calibrated_graditens(self.grad_scale)(weight, alpha)
+            return uq_with_calibrated_graditens(self.grad_scale, self.reference)(weight, alpha)
         if self.power:
             return apot_quantization(weight, alpha, _module_projection(self), True, self.grad_scale)
         return uniform_quantization(weight, alpha, self.w_bit, True, self.grad_scale)

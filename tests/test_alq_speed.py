@@ -1,0 +1,205 @@
+"""ALQ fast step path (BinaryLayer.basis_step, the branch-free code search, reconstruction through codes) against
+the straightforward reference path (optimize_bin_basis + speedup + slot-by-slot reconstruction, forced with
+QUANTLAB_ALQ_REFERENCE=1): the same tensors bit for bit, for single searches, several optimizer steps of every
+mode, and a seeded shortened LeNet5 pipeline.
+
+Exact equality is legitimate here: both paths run in this process on this machine, perform the same float
+operations in the same order (the reductions, matmuls and inverses are the very same calls) and differ only in
+how they select codes and gather values, which is integer work with a single correct answer."""
+import random
+
+import pytest
+import torch
+
+import alq_import
+from conftest import make_tiny_mnist
+
+A = alq_import.load()
+bn, opt_mod = A.binarynet, A.myoptimizer
+
+
+def _bits(t):
+    """Float tensors as their bit patterns, so -0.0 != +0.0 and NaN == NaN (bit-identical, not just equal)."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def assert_same(a, b, what=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(_bits(a), _bits(b)), what
+
+
+# --------------------------------------------------------------------------------------------- the search
+
+def _targets_on_values(values, g, n):
+    """Targets exactly on representable values and exactly half-way between two of them (ties)."""
+    d0, d1, C = values.shape
+    i = torch.randint(0, C, (d0, d1, n), generator=g)
+    j = torch.randint(0, C, (d0, d1, n), generator=g)
+    a, b = values.gather(-1, i), values.gather(-1, j)
+    return torch.where(torch.rand(d0, d1, n, generator=g) < 0.5, a, (a + b) / 2)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 6, 8, 9])
+def test_fast_search_equals_dense_and_sorted(M):
+    g = torch.Generator().manual_seed(M)
+    table = bn.construct_bit_table(M)
+    for case in range(6):
+        d0, d1, n = 5, 3, 37
+        alpha = torch.rand(d0, d1, M, 1, generator=g)
+        if case == 1:  # few distinct coordinates: many equal values, exact ties
+            alpha = torch.randint(0, 4, alpha.shape, generator=g).float() * 0.25
+        if case == 2:  # pruned slots, a whole group without coordinates, negative ones (coordinate steps)
+            alpha = (alpha - 0.3) * (torch.rand(alpha.shape, generator=g) > 0.4)
+            alpha[0, 0] = 0
+        if case == 3:  # a layer without any coordinate: a single value per group
+            alpha.zero_()
+        if case == 4 and M > 1:  # coordinates 1 ulp apart: float distances can tie (dense recomputation)
+            alpha[..., 1, :] = torch.nextafter(alpha[..., 0, :], torch.tensor(2.0))
+        values = bn.representable_values(alpha, table).view(d0, d1, -1)
+        target = torch.randn(d0, d1, n, generator=g) * 2
+        if case in (1, 2, 4):
+            target = _targets_on_values(values, g, n)
+        if case == 5:  # non-finite targets and targets beyond every value
+            target[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+            target[1, 1, :2] = torch.tensor([1e30, -1e30])
+        dense = bn.nearest_code_dense(target, alpha, table)
+        fast = bn.nearest_code_fast(target, alpha, table)
+        assert fast.dtype == torch.int64
+        assert torch.equal(fast, dense), (M, case)
+        assert torch.equal(bn.nearest_code(target, alpha, table), dense), (M, case)
+
+
+# --------------------------------------------------------------------------------------------- reconstruction
+
+def test_reconstruction_through_codes_equals_slot_by_slot():
+    torch.manual_seed(0)
+    layer = bn.FCLayer_bin(torch.randn(6, 128), 0, "subchannelwise", 2, 6)  # n = 64 = 2^M: codes are read
+    assert layer._table_form()
+    g = torch.Generator().manual_seed(1)
+    layer.mask &= torch.rand(layer.mask.shape, generator=g) > 0.3
+    layer.B = layer.B * layer.mask.to(torch.int8)
+    layer.alpha = (torch.randn(layer.alpha.shape, generator=g) * layer.mask).contiguous()  # negative too
+    layer.alpha[0, 0, 0] = -0.0
+    assert_same(layer.reconstruct_w(), layer.reconstruct_w(reference=True))
+    # a mask changed in place without touching B: valid slots whose B is 0 cannot be read through codes; the
+    # check notices (mask version) and the fast path gives the reference's answer
+    layer.mask[:, :, :] = True
+    assert_same(layer.reconstruct_w(), layer.reconstruct_w(reference=True))
+    assert layer._codes() is None
+    # masked slots holding +-1 do not matter (their coefficient is 0)
+    layer.B = torch.where(torch.rand(layer.B.shape, generator=g) < 0.5, 1, -1).to(torch.int8)
+    layer.mask &= torch.rand(layer.mask.shape, generator=g) > 0.5
+    assert layer._codes() is not None
+    assert_same(layer.reconstruct_w(), layer.reconstruct_w(reference=True))
+    # B modified in place: the cached codes are dropped
+    layer.B[0, 0, :, :5] = 1
+    assert_same(layer.reconstruct_w(), layer.reconstruct_w(reference=True))
+
+
+# --------------------------------------------------------------------------------------------- optimizer steps
+
+class _Net(torch.nn.Module):
+    """Every structure and both reconstruction forms: pixelwise (n = 4), kernelwise (n = 9 < 2^4),
+    channelwise (n = 36 >= 2^4, codes read), subchannelwise with M = 6 (n = 64, codes read) and with M = 9
+    (int16 codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(6, 4, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.f1 = torch.nn.Linear(4 * 16, 160)
+        self.f2 = torch.nn.Linear(160, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.f2(torch.relu(self.f1(x.flatten(1))))
+
+
+STRUCTURE = ["pixelwise", "kernelwise", "channelwise", "subchannelwise", "subchannelwise"]
+SUBC, MAX_BIT = [0, 0, 0, 1, 1], [4, 4, 4, 6, 9]
+MODES = ["basis", "basis", "coordinate", "prune", "basis", "ste", "coordinate", "ste", "prune", "basis"]
+
+
+def _run_steps(monkeypatch, reference, fix_sign_flip):
+    monkeypatch.setenv("QUANTLAB_ALQ_REFERENCE", "1" if reference else "")
+    torch.manual_seed(0)
+    random.seed(0)  # the pruning's per-layer candidate counts
+    net = _Net()
+    params_w, params_b, layers = A.train.initialize(net, STRUCTURE, SUBC, MAX_BIT,
+                                                    legacy_sign_flip=not fix_sign_flip)
+    g = torch.Generator().manual_seed(1)
+    for layer in layers:  # pruned slots and a group without coordinates
+        layer.mask &= torch.rand(layer.mask.shape, generator=g) > 0.3
+        layer.mask[0, 0] = False
+        layer.B = layer.B * layer.mask.to(torch.int8)
+        layer.alpha = layer.alpha * layer.mask
+    opt_w = opt_mod.ALQ_optimizer(params_w, lr=1e-2)
+    opt_b = torch.optim.Adam(params_b)
+    loss_func = torch.nn.CrossEntropyLoss()
+    for mode in MODES:
+        x, y = torch.randn(16, 4, 4, 4, generator=g), torch.randint(0, 10, (16,), generator=g)
+        net.zero_grad()
+        loss_func(net(x), y).backward()
+        opt_b.step()
+        if mode == "prune":
+            opt_w.step(layers, "coordinate", [0.2, 0.5])
+        else:
+            opt_w.step(layers, mode)
+    out = dict(net.state_dict())
+    for i, layer in enumerate(layers):
+        out.update({f"{layer.name}.{k}": v for k, v in layer.state_dict().items() if torch.is_tensor(v)})
+        out.update({f"state{i}.{k}": v for k, v in opt_w.state[params_w[i]].items() if torch.is_tensor(v)})
+    return out
+
+
+@pytest.mark.parametrize("fix_sign_flip", [False, True])
+def test_steps_fast_equal_reference(monkeypatch, fix_sign_flip):
+    ref = _run_steps(monkeypatch, True, fix_sign_flip)
+    flipped = []  # (layer read through codes, number of bases flipped) per least-squares fit of the fast run
+    least_squares = bn.BinaryLayer._least_squares
+
+    def recording(self, *args, **kw):
+        neg, flip = least_squares(self, *args, **kw)
+        flipped.append((self._table_form(), int(neg.sum()) if flip else 0))
+        return neg, flip
+    monkeypatch.setattr(bn.BinaryLayer, "_least_squares", recording)
+    fast = _run_steps(monkeypatch, False, fix_sign_flip)
+    assert ref.keys() == fast.keys()
+    for k in ref:
+        assert_same(ref[k], fast[k], k)
+    # the case that needs care: a flipped basis flips a bit of the cached codes of a layer read through codes
+    assert any(table and n for table, n in flipped) == fix_sign_flip
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+def test_shortened_lenet5_pipeline_fast_equals_reference(tmp_path, monkeypatch):
+    """PRETRAIN once, then ALQ + POSTTRAIN with the fast path and with the reference path (seeded, shortened):
+    the final checkpoints hold the same tensors bit for bit."""
+    data = make_tiny_mnist(tmp_path / "mnist", 400, 64, 4, (4, 24))
+    common = ["--data", data, "--val_size", "100", "--batch_size", "64", "--R", "1", "--epoch_basis", "1",
+              "--epoch_coord", "1", "--post_epochs", "1", "1", "--top_k", "0.05", "--train_limit", "192"]
+    ori = str(tmp_path / "ori.pth")
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    A.lenet5.main(["--PRETRAIN", "--pretrain_epochs", "1", "--model_ori", ori, "--log_dir", str(tmp_path / "l0")]
+                  + common)
+    outs = {}
+    for name, ref in (("fast", ""), ("reference", "1")):
+        monkeypatch.setenv("QUANTLAB_ALQ_REFERENCE", ref)
+        model = str(tmp_path / f"{name}.pth")
+        A.lenet5.main(["--ALQ", "--POSTTRAIN", "--model_ori", ori, "--model", model, "--log_dir",
+                       str(tmp_path / name)] + common)
+        outs[name] = [torch.load(p, weights_only=True) for p in (model, model.replace(".pth", "_post.pth"))]
+    for a, b in zip(outs["fast"], outs["reference"]):
+        assert a["stage"] == b["stage"] and a["avg_bit"] == b["avg_bit"]
+        for k in a["net_state_dict"]:
+            assert_same(a["net_state_dict"][k], b["net_state_dict"][k], k)
+        for layer, sd in a["parameters_w_bin"].items():
+            for k in ("B", "alpha", "mask", "w_FP"):
+                assert_same(sd[k], b["parameters_w_bin"][layer][k], f"{layer}.{k}")
+        sa, sb = a["optimizer_w_state_dict"]["state"], b["optimizer_w_state_dict"]["state"]
+        for i in sa:
+            for k, v in sa[i].items():
+                if torch.is_tensor(v):
+                    assert_same(v, sb[i][k], f"state {i} {k}")
