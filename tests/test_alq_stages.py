@@ -8,21 +8,10 @@ import pytest
 import torch
 
 import alq_import
-from common import runs
 from common.errors import UserError
-from test_runs_alq import TINY
-from test_runs_apot import tiny_mnist
+from test_runs_alq import env  # noqa: F401  (the fixture: tiny MNIST, isolated runs/, shortened recipe)
 
 A = alq_import.load()
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTLAB_RUNS", str(tmp_path / "runs"))
-    monkeypatch.chdir(tmp_path)
-    data = tiny_mnist(tmp_path / "data", n_train=120, n_test=40)
-    yield ["--data", data] + TINY
-    runs.end_run()
 
 
 def files(d):
