@@ -1,10 +1,11 @@
-"""ALQ basis step: sorted search vs the straightforward (weights x 2^M) argmin.
+"""ALQ basis step: sorted searches vs the straightforward (weights x 2^M) argmin.
 
 One basis step's code search (BinaryLayer.optimize_bin_basis: every weight takes the code of the nearest of its
 group's 2^M representable values) on the LeNet5 FC layer (500x800, 2 subchannels, M=6) and on a ResNet-18 3x3
 layer (layer4, 512x512x3x3, pixelwise, M=8), with the sorted search (`nearest_code`) and the straightforward form
-that materialises |target - value| for all 2^M values (`nearest_code_dense`, as the original does). Both must
-choose identical codes. Each case runs in its own subprocess so that its peak memory (Linux VmHWM, reset just
+that materialises |target - value| for all 2^M values (`nearest_code_dense`, as the original does), and with the
+branch-free search the training steps use (`nearest_code_fast`: a fixed binary search by gathers). All must choose
+identical codes. Each case runs in its own subprocess so that its peak memory (Linux VmHWM, reset just
 before the step; torch.cuda.max_memory_allocated on a GPU) is its own. Rows go to results/bench/alq_basis.csv.
 
     python benchmarks/bench_alq_basis.py [--repeats 3] [--threads N] [--skip-dense-resnet]
@@ -74,7 +75,7 @@ def run_case(name, method, repeats, threads):
     layer.mask &= (torch.rand(layer.mask.shape, generator=g) > 0.33).to(dev)
     layer.alpha = layer.alpha * layer.mask
     target = layer.to_groups(layer.w_FP + torch.randn(w.shape, generator=g).to(dev) * 1e-3)
-    search = bn.nearest_code if method == "sorted" else bn.nearest_code_dense
+    search = {"fast": bn.nearest_code_fast, "sorted": bn.nearest_code, "dense": bn.nearest_code_dense}[method]
 
     def sync():
         if dev.type == "cuda":
@@ -110,7 +111,7 @@ def main():
     rows = []
     for name in CASES:
         res = {}
-        for method in ("sorted", "dense"):
+        for method in ("fast", "sorted", "dense"):
             if method == "dense" and name.startswith("resnet") and args.skip_dense_resnet:
                 continue
             p = subprocess.run([sys.executable, __file__, "--case", name, "--method", method, "--repeats",
@@ -119,19 +120,21 @@ def main():
                 print(f"{name} {method}: failed\n{p.stderr[-1500:]}")
                 continue
             res[method] = json.loads(p.stdout.strip().splitlines()[-1])
-        if "sorted" in res and "dense" in res:
-            assert res["sorted"]["codes"] == res["dense"]["codes"], f"{name}: the two searches disagree"
+        assert len({r["codes"] for r in res.values()}) <= 1, f"{name}: the searches disagree"
         for method, r in res.items():
             rows.append({"case": name, "method": method, "weights": r["weights"], "M": r["M"],
                          "seconds": f"{r['seconds']:.5f}", "peak_MB": "" if r["peak_bytes"] is None
                          else f"{r['peak_bytes'] / 2 ** 20:.1f}", "device": r["device"]})
-        if len(res) == 2:
-            s, d = res["sorted"], res["dense"]
+        d = res.get("dense")
+        for method in ("fast", "sorted"):
+            s = res.get(method)
+            if s is None or d is None:
+                continue
             mem = (f"{d['peak_bytes'] / max(s['peak_bytes'], 1):.1f}x less memory"
                    if s["peak_bytes"] and d["peak_bytes"] else "")
-            print(f"{name}: sorted {s['seconds'] * 1e3:.1f} ms, dense {d['seconds'] * 1e3:.1f} ms "
-                  f"({d['seconds'] / s['seconds']:.1f}x faster); peak {s['peak_bytes'] / 2 ** 20:.1f} MB vs "
-                  f"{d['peak_bytes'] / 2 ** 20:.1f} MB ({mem})")
+            print(f"{name}: {method} {s['seconds'] * 1e3:.1f} ms, dense {d['seconds'] * 1e3:.1f} ms "
+                  f"({d['seconds'] / s['seconds']:.1f}x faster); peak {(s['peak_bytes'] or 0) / 2 ** 20:.1f} MB vs "
+                  f"{(d['peak_bytes'] or 0) / 2 ** 20:.1f} MB ({mem})")
     env = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(), "host": platform.node(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
