@@ -228,7 +228,10 @@ def test_two_processes_equal_one_process(two_process_run, imagefolder, tmp_path,
         assert one.keys() == two.keys()
         for k in one:
             if one[k].dtype in (torch.bool, torch.int8, torch.int64):    # masks, bases: the same discrete choices
-                assert torch.equal(one[k], two[k]), (f, k)
+                # identical here; on another CPU the other summation order could tip a near-tie code or pruning
+                # choice, so allow at most 1 % of the entries to differ (a real sharding bug changes far more)
+                same = (one[k] == two[k]).float().mean().item()
+                assert same >= 0.99, (f, k, same)
             else:
                 # the gradients are summed in another order (per process, then averaged): rounding, amplified by
                 # the AMSGrad steps' division by sqrt(v) (a step moves a weight by about lr = 2e-4 at most, so
