@@ -26,6 +26,7 @@ from common import interrupt, runs
 from common.checks import check_results_writable, check_writable_dir, check_writable_file
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import OFFICE31_DOMAINS
+from common.devdata import DeviceSums
 from common.device import get_device, get_rng_state, seed_everything, set_rng_state
 from common.errors import UserError, run_main
 from common.identity import check_checkpoint, describe, expect, identity
@@ -244,8 +245,9 @@ def make_optimizer(model, args, lr, admm_params):
     return torch.optim.SGD(groups, lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
-def sgd_step(model, optimizer, args, admm_on, loss, logits, y, meters, history):
-    """Backward, (optional paper gradient scaling), SGD step, ADMM Z/Gamma update; loss and top-1 into meters."""
+def sgd_step(model, optimizer, args, admm_on, loss, logits, y, sums, history, admm=None):
+    """Backward, (optional paper gradient scaling), SGD step, ADMM Z/Gamma update; loss and top-1 into `sums`
+    (common.devdata.DeviceSums: no host sync per step; read at print lines and at the epoch's end)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_scaling and args.method == "ours" and args.bitW < 32:
@@ -253,10 +255,16 @@ def sgd_step(model, optimizer, args, admm_on, loss, logits, y, meters, history):
     optimizer.step()
     if admm_on:
         admm_update(model)
-    lv = loss.item()
+    lv = loss.detach()
     history.append(lv)
-    meters[0].update(lv, y.size(0))
-    meters[1].update(accuracy(logits, y)[0].item(), y.size(0))
+    sums.add(y.size(0), loss=lv, top1=accuracy(logits.detach(), y)[0],
+             admm=lv.new_zeros(()) if admm is None else admm.detach())
+
+
+def read_epoch(sums, history, meters):
+    """The epoch's meters and per-step loss history as floats: one host sync."""
+    sums.read(meters)
+    return torch.stack(history).tolist() if history else []
 
 
 def train_cls(model, loader, optimizer, args, device, epoch, log):
@@ -266,23 +274,24 @@ def train_cls(model, loader, optimizer, args, device, epoch, log):
     admm_on = use_admm(args)
     n_iter = len(loader) if not args.max_iters else min(len(loader), args.max_iters)
     bar = progress(loader, desc=f"epoch {epoch}", total=n_iter)
-    history = []
+    history, sums = [], DeviceSums(device, "loss", "top1", "admm")
+    meters = {"loss": losses, "top1": top1, "admm": trans}
     for i, (x, y) in enumerate(bar, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss = criterion(out, y)
         extra = admm_loss(model) if admm_on else None
         total = loss if extra is None else loss + extra
-        sgd_step(model, optimizer, args, admm_on, total, out, y, (losses, top1), history)
-        if extra is not None:
-            trans.update(extra.item(), x.size(0))
-        bar.set_postfix(loss=f"{losses.avg:.4f}", top1=f"{top1.avg:.2f}")
+        sgd_step(model, optimizer, args, admm_on, total, out, y, sums, history, admm=extra)
         if i % args.print_freq == 0:
+            sums.read(meters)
+            bar.set_postfix(loss=f"{losses.avg:.4f}", top1=f"{top1.avg:.2f}")
             log.info(f"Epoch[{epoch}]({i}/{n_iter}): Train_loss {losses.val:.4f} ({losses.avg:.4f})"
                      + (f" Transform_loss {trans.val:.4f} ({trans.avg:.4f})" if admm_on else "")
                      + f" Prec@1 {top1.avg:.3f}")
         if i >= n_iter or interrupt.requested():
             break
+    history = read_epoch(sums, history, meters)
     return losses.avg, top1.avg, history
 
 
@@ -303,7 +312,7 @@ def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optim
     if args.max_iters:
         n_steps = min(n_steps, args.max_iters)
     losses, top1 = AverageMeter("loss"), AverageMeter("top1")
-    history = []
+    history, sums, meters = [], DeviceSums(device, "loss", "top1"), {"loss": losses, "top1": top1}
     for i, ((xs, ys), (xt, _)) in enumerate(progress(zip(src, tgt), desc=f"epoch {epoch}", total=n_steps), 1):
         p = (num_iter * epoch + i) / args.num_epochs / num_iter
         alpha = grl_alpha(p, eps=0.0 if digit else 1e-6)
@@ -330,12 +339,14 @@ def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optim
             for e in (extra_s, extra_t):
                 if e is not None:
                     loss = loss + e
-        sgd_step(model, optimizer, args, admm_on, loss, cls_s, ys, (losses, top1), history)
+        sgd_step(model, optimizer, args, admm_on, loss, cls_s, ys, sums, history)
         if i % args.print_freq == 0:
+            sums.read(meters)
             log.info(f"Epoch[{epoch}]({i}/{n_steps}): loss {losses.val:.4f} ({losses.avg:.4f}) alpha {alpha:.3f} "
                      f"lr {lr:.2e} src Prec@1 {top1.avg:.3f}")
         if i >= n_steps or interrupt.requested():
             break
+    history = read_epoch(sums, history, meters)
     return losses.avg, top1.avg, history
 
 
@@ -343,6 +354,7 @@ def evaluate(model, loader, device, domain=False):
     """(top1, top5, n) on a loader; domain models are evaluated on their class head."""
     model.eval()
     top1, top5 = AverageMeter(), AverageMeter()
+    sums = DeviceSums(device, "top1", "top5")
     with torch.no_grad():
         for x, y in progress(loader, desc="test", total=len(loader)):
             x, y = x.to(device), y.to(device)
@@ -350,8 +362,8 @@ def evaluate(model, loader, device, domain=False):
             if isinstance(out, tuple):
                 out = out[0]
             p1, p5 = accuracy(out, y, topk=(1, 5))
-            top1.update(p1.item(), x.size(0))
-            top5.update(p5.item(), x.size(0))
+            sums.add(x.size(0), top1=p1, top5=p5)
+    sums.read({"top1": top1, "top5": top5})           # one host sync per evaluation
     return top1.avg, top5.avg, top1.count
 
 

@@ -25,7 +25,7 @@ def uniform_q(v, k):
     if k == 1:
         hard = torch.sign(v)
     else:
-        n = float(2 ** k - 1)
+        n = 2.0 ** k - 1
         hard = torch.round(v * n) / n          # torch.round rounds half to even
     return hard.detach() + (v - v.detach())    # value exactly `hard`, gradient exactly 1
 

@@ -308,39 +308,55 @@ class QuietLog:
 # One pass over a loader
 
 
-def _count_correct(output, target, correct):
+def _hits(output, target):
+    """Top-k hit counts of a batch, on the device (float64: exact integers)."""
     maxk = min(max(TOPK), output.size(1))
     pred = output.topk(maxk, 1, True, True).indices.t()
     hit = pred.eq(target.reshape(1, -1).expand_as(pred))
-    for i, k in enumerate(TOPK):
-        correct[i] += hit[:k].reshape(-1).float().sum().item()
+    return torch.stack([hit[:k].reshape(-1).float().sum() for k in TOPK]).double()
 
 
 class EpochStats:
     """Running loss and top-k counts of one pass. One process: the mean of the batch losses, as before. Under
     torchrun each process keeps its part of every batch (loss x samples, samples), and the parts are summed over
-    the processes at the end, so the figures are those of the whole batches and of the whole evaluation set."""
+    the processes at the end, so the figures are those of the whole batches and of the whole evaluation set.
+    The sums stay on the device (float64, added in batch order: the same doubles as summing Python floats) and
+    are read once, by state() or result(): no host sync per batch."""
 
     def __init__(self, dist):
         self.dist = dist
         self.loss, self.batches, self.total, self.correct = 0.0, 0, 0, [0.0] * len(TOPK)
         self.loss_n, self.n = [], []
+        self.acc = None           # device tensor [correct top-k..., loss sum], started from the values above
 
     def add(self, loss, outputs, labels):
-        _count_correct(outputs, labels, self.correct)
+        if self.acc is None:
+            self.acc = torch.tensor(self.correct + [self.loss], dtype=torch.float64, device=outputs.device)
+        l = loss.detach().double().reshape(1)
+        self.acc[:-1] += _hits(outputs, labels)
         self.total += labels.size(0)
         if self.dist.enabled:
-            self.loss_n.append(loss.item() * labels.size(0))
+            self.loss_n.append(l * labels.size(0))
             self.n.append(labels.size(0))
         else:
-            self.loss += loss.item()
+            self.acc[-1:] += l
         self.batches += 1
+
+    def _read(self):
+        """Bring the device sums into self.correct / self.loss (one host sync)."""
+        if self.acc is not None:
+            v = self.acc.tolist()
+            self.correct, self.loss = v[:-1], v[-1]
 
     def _summed(self):
         """([loss x samples; samples] per batch (2, T), [correct top-k..., samples]), summed over the processes."""
+        self._read()
         T = self.dist.max(len(self.n))
         per = torch.zeros(2, T, dtype=torch.float64)
-        per[0, :len(self.n)] = torch.tensor(self.loss_n, dtype=torch.float64)
+        if self.n:
+            dev = self.acc.device if self.acc is not None else "cpu"
+            per[0, :len(self.n)] = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=dev).reshape(())
+                                                for x in self.loss_n]).cpu()
         per[1, :len(self.n)] = torch.tensor(self.n, dtype=torch.float64)
         tot = torch.tensor(self.correct + [float(self.total)], dtype=torch.float64)
         return self.dist.sum(per), self.dist.sum(tot)
@@ -348,12 +364,13 @@ class EpochStats:
     def state(self):
         """The statistics so far, for a resumable checkpoint (under torchrun summed: a collective)."""
         if not self.dist.enabled:
+            self._read()
             return {"loss": self.loss, "batches": self.batches, "total": self.total, "correct": list(self.correct)}
         per, tot = self._summed()
         return {"per_batch": per, "batches": self.batches, "total": int(tot[-1]), "correct": tot[:-1].tolist()}
 
     def load(self, s):
-        self.batches = int(s["batches"])
+        self.batches, self.acc = int(s["batches"]), None
         if not self.dist.enabled:
             self.loss, self.total, self.correct = float(s["loss"]), int(s["total"]), [float(c) for c in s["correct"]]
         elif self.dist.main:                      # rank 0 carries the sums so far, the other processes zeros
@@ -365,6 +382,7 @@ class EpochStats:
     def result(self):
         """{'loss', 'top1', 'top5', 'n'} (accuracies in percent); under torchrun a collective."""
         if not self.dist.enabled:
+            self._read()
             return {"loss": self.loss / max(self.batches, 1), "top1": 100.0 * self.correct[0] / max(self.total, 1),
                     "top5": 100.0 * self.correct[1] / max(self.total, 1), "n": self.total}
         per, tot = self._summed()
@@ -401,6 +419,11 @@ class Interruptible:
         return r
 
     def requested(self):
+        """A signal is pending. One process: the host flag (no device sync). Under torchrun the flag is
+        all-reduced after every batch, so that all processes stop at the same batch (issue 9: at the next batch);
+        that is one scalar collective per batch, next to the gradients' all-reduce."""
+        if not self.st.dist.enabled:
+            return interrupt.requested() is not None
         return self.st.dist.any(interrupt.requested() is not None)
 
     def stop(self, batch, of, epoch_rng, stats):

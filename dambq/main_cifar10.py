@@ -29,6 +29,7 @@ from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_s
                                save_checkpoint, strip_module_prefix, training_state)
 from common.checks import check_range, check_results_writable, check_sgd_flags, check_writable_dir
 from common.data import cifar10
+from common.devdata import DeviceSums
 from common.device import get_device, get_rng_state, seed_everything
 from common.errors import UserError, run_main
 from common.identity import check_checkpoint, expect, identity
@@ -348,6 +349,7 @@ def train(train_loader, model, criterion, optimizer, epoch, device, args, log, s
 
 def validate(val_loader, model, criterion, device, args, log=print):
     losses, top1 = AverageMeter(), AverageMeter()
+    sums, meters = DeviceSums(device, 'loss', 'top1'), {'loss': losses, 'top1': top1}
     model.eval()
     with torch.no_grad():
         for i, (input, target) in enumerate(progress(val_loader, desc='test', total=len(val_loader))):
@@ -355,11 +357,12 @@ def validate(val_loader, model, criterion, device, args, log=print):
             if args.half:
                 input = input.half()
             output = model(input).float()
-            losses.update(criterion(output, target).item(), input.size(0))
-            top1.update(accuracy(output, target)[0].item(), input.size(0))
-            if i % args.print_freq == 0:
+            sums.add(input.size(0), loss=criterion(output, target), top1=accuracy(output, target)[0])
+            if i % args.print_freq == 0:    # the only host syncs: print lines and the end
+                sums.read(meters)
                 log(f'Test: [{i}/{len(val_loader)}]\tLoss {losses.val:.4f} ({losses.avg:.4f})\t'
                     f'Prec@1 {top1.val:.3f} ({top1.avg:.3f})')
+    sums.read(meters)
     return top1.avg, losses.avg
 
 

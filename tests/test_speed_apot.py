@@ -7,10 +7,6 @@ The references are the paths a module takes with `reference = True`: the origina
 anywhere: the fast paths evaluate the same float32 operations (tests/test_fast_quant.py covers the level
 sets and ordinary inputs; this file the corners: signed zeros, NaN, inf, non-finite and -0 gradients).
 """
-import ast
-import inspect
-import textwrap
-
 import pytest
 import torch
 import torch._dynamo
@@ -19,6 +15,7 @@ from apot import apot_levels
 from apot.apot_levels import LevelProjector, build_power_value, nearest_level_argmin
 from apot.CIFAR10.models import quant_layer as cql
 from apot.ImageNet.models import quant_layer as ql
+from synclint import hot_functions, sync_calls
 from test_fast_quant import _run, _same      # (module, t, alpha, g) -> (out, dt, dalpha); bitwise equality
 
 INF, NAN = float("inf"), float("nan")
@@ -136,42 +133,12 @@ def test_two_bit_and_projector_trace_in_one_graph():
 # --------------------------------------------------------------------------------------------------------------
 # lint: no host synchronisation in a quantizer's forward or backward
 
-# Calls that wait for the device (or copy to the host) when a tensor lives on a GPU: method names and builtins.
-SYNC_METHODS = {"item", "tolist", "nonzero", "numpy", "cpu", "any", "all", "unique", "masked_select", "argwhere",
-                "nonzero_static", "equal", "allclose", "__bool__", "__int__", "__float__"}
-SYNC_BUILTINS = {"int", "float", "bool"}
-SYNC_TORCH = {"unique", "nonzero", "masked_select", "argwhere", "equal", "allclose", "unique_consecutive"}
-
-
 def _hot_functions():
     """(name, function) of every quantizer forward/backward and helper they call, in both generations."""
-    out = [("LevelProjector.forward", LevelProjector.forward)]
-    for mod in (ql, cql):
-        for name, obj in vars(mod).items():
-            if inspect.isclass(obj) and obj.__module__ == mod.__name__:
-                if issubclass(obj, torch.autograd.Function):
-                    out += [(f"{name}.forward", obj.forward), (f"{name}.backward", obj.backward)]
-                elif issubclass(obj, torch.nn.Module) and "forward" in vars(obj):
-                    out.append((f"{name}.forward", obj.forward))
-            elif inspect.isfunction(obj) and obj.__module__ == mod.__name__ and name not in ("check_bit",):
-                out.append((name, obj))
-    return out
+    return [("LevelProjector.forward", LevelProjector.forward)] + hot_functions(ql, cql, skip=("check_bit",))
 
 
-def _sync_calls(fn):
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    bad = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            f = node.func
-            if isinstance(f, ast.Attribute) and f.attr in SYNC_METHODS:
-                if not (isinstance(f.value, ast.Name) and f.value.id == "torch") or f.attr in SYNC_TORCH:
-                    bad.append(f".{f.attr}()")
-            elif isinstance(f, ast.Name) and f.id in SYNC_BUILTINS:
-                bad.append(f"{f.id}()")
-        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Compare):
-            bad.append("boolean-mask indexing")
-    return bad
+_sync_calls = sync_calls
 
 
 def test_quantizer_hot_paths_have_no_host_sync_calls():
