@@ -24,6 +24,22 @@ def require_shared(*parts):
     return p
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_results_session(tmp_path_factory):
+    """The same for module- and session-scoped fixtures (they run before the per-test fixture below)."""
+    keys = ("RESULTS_DIR", "QUANTLAB_RUNS", "QUANTLAB_REFERENCE")
+    saved = {k: os.environ.get(k) for k in keys}
+    base = tmp_path_factory.mktemp("session-results")
+    for k, sub in zip(keys, ("results", "runs", "reference")):
+        os.environ[k] = str(base / sub)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _isolated_results(tmp_path, monkeypatch):
     """Every test writes its result records, run directories and reference results into a temp dir, never
