@@ -267,7 +267,7 @@ def read_epoch(sums, history, meters):
     return torch.stack(history).tolist() if history else []
 
 
-def train_cls(model, loader, optimizer, args, device, epoch, log):
+def train_cls(model, loader, optimizer, args, device, epoch, log, eta=None):
     losses, trans, top1 = AverageMeter("loss"), AverageMeter("admm"), AverageMeter("top1")
     criterion = nn.CrossEntropyLoss()
     model.train()
@@ -283,6 +283,8 @@ def train_cls(model, loader, optimizer, args, device, epoch, log):
         extra = admm_loss(model) if admm_on else None
         total = loss if extra is None else loss + extra
         sgd_step(model, optimizer, args, admm_on, total, out, y, sums, history, admm=extra)
+        if eta is not None:
+            eta.batch(i - 1)
         if i % args.print_freq == 0:
             sums.read(meters)
             bar.set_postfix(loss=f"{losses.avg:.4f}", top1=f"{top1.avg:.2f}")
@@ -295,7 +297,7 @@ def train_cls(model, loader, optimizer, args, device, epoch, log):
     return losses.avg, top1.avg, history
 
 
-def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optimizer=None):
+def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optimizer=None, eta=None):
     """One DANN/DSAN epoch. Office-31: the optimizer is rebuilt here every epoch (momentum restarts) at
     dann_lr(epoch), p runs over the longer loader. Digits (`optimizer` given, kept across epochs): lr set every
     iteration to lr / (1 + alpha p)^0.75 (alpha = --alpha), p over the shorter loader, GRL without the 1e-6."""
@@ -340,6 +342,8 @@ def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optim
                 if e is not None:
                     loss = loss + e
         sgd_step(model, optimizer, args, admm_on, loss, cls_s, ys, sums, history)
+        if eta is not None:
+            eta.batch(i - 1)
         if i % args.print_freq == 0:
             sums.read(meters)
             log.info(f"Epoch[{epoch}]({i}/{n_steps}): loss {losses.val:.4f} ({losses.avg:.4f}) alpha {alpha:.3f} "
@@ -494,10 +498,12 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
         extra["checkpoint_note"] = note
 
     if args.test_only:
+        print(f"=> device {device}, seed {seed}; evaluating {path} on {n_test} {split} images")
         t1, t5, n = evaluate(model, test_loader, device)
         print(f"=> Test Prec@1: {t1:.3f} Prec@5: {t5:.3f} ({n} images)")
         record(PAPER, model=name, dataset=dataset, split=split, setting=setting, metric="top1", value=t1,
-               n_samples=n, extra=dict(extra, mode="test_only", top5=t5), recipe=source_recipe)
+               n_samples=n, extra=dict(extra, mode="test_only", top5=t5, checkpoint=os.path.abspath(path)),
+               recipe=source_recipe, seed=seed)
         return t1
 
     recipe = recipe_of(args, train_images(train_loader), source_recipe)
@@ -536,7 +542,8 @@ def _train(model, args, device, kind, train_loader, test_loader, loaders, log, s
     best_path = os.path.join(args.job_dir, "checkpoint", "model_best.pt")
     log.info(f"=> {args.experiment} {rec['name']} {rec['setting']}; {rec['n_test']} test images; "
              f"epochs {start_epoch}..{args.num_epochs}; output {args.job_dir}")
-    eta = runs.ETA(args.num_epochs, start_epoch)
+    n_iter = len(train_loader) if kind == "cls" else min(len(loaders["src_train"]), len(loaders["tgt_train"]))
+    eta = runs.ETA(args.num_epochs, start_epoch, min(n_iter, args.max_iters or n_iter), say=log.info)
     epoch_times, t1 = [], None
     with interrupt.armed():
         for epoch in range(start_epoch, args.num_epochs):
@@ -545,9 +552,10 @@ def _train(model, args, device, kind, train_loader, test_loader, loaders, log, s
                 lr = cls_lr(args, epoch)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                loss, train_top1, _ = train_cls(model, train_loader, optimizer, args, device, epoch, log)
+                loss, train_top1, _ = train_cls(model, train_loader, optimizer, args, device, epoch, log, eta)
             else:
-                loss, train_top1, _ = train_domain(model, loaders, args, device, epoch, log, dsan_loss, optimizer)
+                loss, train_top1, _ = train_domain(model, loaders, args, device, epoch, log, dsan_loss, optimizer,
+                                                   eta)
                 lr = optimizer.param_groups[0]["lr"] if optimizer is not None else dann_lr(args, epoch)
             if interrupt.requested():     # SIGINT/SIGTERM: the epoch stopped after a batch; --resume restarts it
                 save_checkpoint(state_of(model, args, epoch, best, optimizer, recipe), ckpt_last)

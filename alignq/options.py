@@ -9,6 +9,7 @@ trailing slash. Additions: --data_dir everywhere, --no-pretrained, --experiment,
 import argparse
 import re
 
+from common.checks import check_range
 from common.errors import UserError
 
 # Per experiment: kind (cls: one labelled dataset; dann/dsan: source -> target), dataset, model flag, defaults
@@ -198,4 +199,8 @@ def parse_args(argv, experiment=None, admm=False, prog="main.py"):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.lr < 0 or args.act_range <= 0:
         raise UserError("--lr must be >= 0 and --act_range > 0")
+    for flag, lo, hi in (("momentum", 0, 1), ("weight_decay", 0, None), ("lr_gamma", 0, None), ("print_freq", 1, None),
+                         ("workers", 0, None), ("max_iters", 0, None), ("corr_eps", 0, None), ("param", 0, None),
+                         ("img_size", 1, None), ("seed", 0, 2 ** 32 - 1)):
+        check_range(f"--{flag}", getattr(args, flag), lo=lo, hi=hi)     # before any data is read: one line
     return args

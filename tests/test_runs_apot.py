@@ -122,6 +122,62 @@ def test_own_checkpoint_under_other_flags_stops(tmp_path, monkeypatch):
         mnist_main(["-a", "resnet10", "--bit", "4", "-e", "--resume", uni, "--data", "nowhere"], monkeypatch)
 
 
+def imagenet_main(argv, monkeypatch):
+    mod = importlib.import_module("apot.ImageNet.main")
+    monkeypatch.setattr(sys, "argv", [mod.__file__] + argv)
+    return mod.main()
+
+
+def tiny_imagenet(root):
+    """ImageFolder train/ and val/ of 2 classes x 2 random 36x40 images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            os.makedirs(root / split / c)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
+    return str(root)
+
+
+def test_evaluating_an_init_checkpoint_checks_its_bits(tmp_path, monkeypatch):
+    # -e without --resume evaluates the --init (CIFAR) / --pretrained (ImageNet) file as it is: a 2-bit file
+    # evaluated as W4A4 exited 0 and was recorded as W4A4 (only paper and model were checked, as for an init)
+    ck = own_checkpoint(tmp_path / "own2.pth.tar", 2)
+    for bits, needle in (("4", "2-bit apot .* ask for .*4-bit apot \\(bits differ\\); pass --bit 2"),
+                         ("32", "bits, scheme differ")):
+        with pytest.raises(UserError, match=needle):
+            cifar().main(["-e", "--bit", bits, "--init", ck, "--data", "nowhere"])
+    with pytest.raises(UserError, match="CIFAR-10"):                # the right bits: on to the (missing) data
+        cifar().main(["-e", "--bit", "2", "--init", ck, "--data", "nowhere"])
+    from apot.ImageNet import models
+    net = models.resnet18(bit=5, power=True)
+    ident = identity("apot", "resnet18", bits=5, scheme="apot", stage="train", script="apot/ImageNet/main.py",
+                     recipe={"full": False, "summary": "shortened: test"})
+    save_checkpoint(training_state(net, epoch=1, best=0.0, quantlab=ident), tmp_path / "r18_5.pth.tar")
+    ck = str(tmp_path / "r18_5.pth.tar")
+    for flags, needle in ((["--bit", "4"], "ask for apot resnet18 4-bit apot \\(bits differ\\); pass --bit 5"),
+                          (["--bit", "5", "--power", "0"], "5-bit uniform \\(scheme differ\\)")):
+        with pytest.raises(UserError, match=needle):
+            imagenet_main(["-e", "--pretrained", ck, "--data", "nowhere"] + flags, monkeypatch)
+    assert not os.path.exists(os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl"))
+    # the right flags evaluate it and the record carries the file's recipe (it was 'recipe not recorded')
+    data = tiny_imagenet(tmp_path / "inet")
+    imagenet_main(["-e", "--bit", "5", "--pretrained", ck, "--data", data, "-b", "2", "-j", "0"], monkeypatch)
+    (r,) = [json.loads(line) for line in open(os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl"))]
+    assert (r["setting"], r["recipe"]["summary"], r["split"], r["n_samples"]) == ("W5A5", "shortened: test", "val", 4)
+
+
+def test_imagenet_evaluation_without_a_trained_model_is_never_a_reproduction(tmp_path, monkeypatch):
+    # -e with neither --resume nor --pretrained quantizes the full-precision init without training; it was
+    # recorded as W5A5 with no recipe, which compare pairs with the published row
+    data = tiny_imagenet(tmp_path / "inet")
+    imagenet_main(["-e", "--bit", "5", "--fp-init", "none", "--data", data, "-b", "2", "-j", "0"], monkeypatch)
+    (r,) = [json.loads(line) for line in open(os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl"))]
+    assert r["setting"] == "W5A5" and r["recipe"]["full"] is False
+    assert r["recipe"]["summary"].startswith("shortened: epochs 0 of 120; random init evaluated without")
+
+
 def test_unknown_third_party_checkpoint_fits_and_is_noted(tmp_path):
     data = tiny_cifar(tmp_path / "data")
     m = cifar()

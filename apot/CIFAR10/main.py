@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as transforms
 
-from apot.CIFAR10.models import MODELS, QuantConv2d
+from apot.CIFAR10.models import MODELS
 from common import interrupt, runs
 from common.checks import check_sgd_flags, check_results_writable, check_writable_dir
 from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
@@ -254,8 +254,11 @@ def main(argv=None):
 
     init_recipe, ckpt_note = None, None
     if args.init:
+        # evaluated as it is (-e without --resume): the file must be the --bit model; an initialisation: any bits
+        fields = ('paper', 'model', 'bits', 'scheme') if args.evaluate and not args.resume else ('paper', 'model')
         init_ident, ckpt_note = check_checkpoint(load_checkpoint(args.init, what='--init model', flag='--init'),
-                                                 args.init, expected(args), flag='--init', fields=('paper', 'model'))
+                                                 args.init, expected(args), flag='--init', fields=fields,
+                                                 suggest=lambda i: f"--bit {i['bits']}" if 'bits' in i else '')
         init_recipe = (init_ident or {}).get('recipe')
         missing = load_init(model, args.init)
         print(f"=> initialised from {args.init}" + (f" ({len(missing)} clipping parameters keep their defaults)"

@@ -118,6 +118,16 @@ def main():
     ckpt = load_checkpoint(args.resume, what="resume checkpoint", flag="--resume") if args.resume else None
     ident, note = engine.check_identity(ckpt, args.resume, args, power) if ckpt is not None else (None, None)
     init_recipe = (ident or {}).get("init_recipe")
+    pre = None
+    if args.pretrained:                           # checked before any data is read, like --resume
+        pre = load_checkpoint(args.pretrained, what="pretrained checkpoint", flag="--pretrained")
+        pre_ident, pre_note = engine.check_identity(pre, args.pretrained, args, power, flag="--pretrained",
+                                                    any_bits=not args.evaluate or bool(args.resume))
+        init_recipe = (pre_ident or {}).get("recipe")
+        if args.evaluate and not args.resume:     # evaluated as it is: its identity and recipe are the result's
+            ident, note = pre_ident, pre_note
+        elif not args.resume:
+            note = note or pre_note
     distributed, rank, world, device = engine.setup_distributed(args.gpu)
     main_process = rank == 0
     if distributed:
@@ -134,12 +144,6 @@ def main():
     model = models.__dict__[args.arch](bit=args.bit, power=power)
     if args.pretrained:
         say(f"=> loading pre-trained model from {args.pretrained}")
-        pre = load_checkpoint(args.pretrained, what="pretrained checkpoint", flag="--pretrained")
-        pre_ident, pre_note = engine.check_identity(pre, args.pretrained, args, power, flag="--pretrained",
-                                                    any_bits=True)
-        init_recipe = (pre_ident or {}).get("recipe")
-        if not args.resume:
-            note = note or pre_note
         engine.load_pretrained(model, args.pretrained, ckpt=pre)
         if main_process:
             model.show_params()
@@ -174,8 +178,13 @@ def main():
             extra = {"top5": acc5, "loss": loss, "checkpoint": args.resume or args.pretrained or "fp-init"}
             if note:
                 extra["checkpoint_note"] = note
+            recipe = (ident or {}).get("recipe")
+            if not (args.resume or args.pretrained):     # no trained model: never a reproduction
+                recipe = recipe_info({"epochs": (0, parser.get_default("epochs"))},
+                                     note=("random" if args.fp_init == "none" else "full-precision")
+                                     + " init evaluated without quantization-aware training")
             record("apot", model=args.arch, dataset="imagenet", split="val", setting=setting, metric="top1",
-                   value=acc1, n_samples=n, extra=extra, recipe=(ident or {}).get("recipe"), seed=seed)
+                   value=acc1, n_samples=n, extra=extra, recipe=recipe, seed=seed)
         return
 
     recipe = combine_recipes(recipe_info({"epochs": (args.epochs, parser.get_default("epochs")),
