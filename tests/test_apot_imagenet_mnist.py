@@ -4,6 +4,7 @@ import importlib.util
 import os
 import re
 import sys
+import shutil
 
 import pytest
 import torch
@@ -531,3 +532,16 @@ def test_visualize_old_generation_keys(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["visualize.py", "--checkpoint", path, "--layer", "nope", "--out", str(out)])
     with pytest.raises(UserError, match="no quantized layer 'nope'"):
         vis.main()
+
+
+def test_an_epoch_at_zero_accuracy_still_writes_the_best_checkpoint(tiny_imagenet, tmp_path, monkeypatch):
+    """The best file was written only when accuracy beat 0, so a first epoch at 0 % left the documented
+    `--pretrained checkpoint/res18_5best.pth.tar` missing. (The same rule is in the CIFAR-10 and MNIST scripts.)"""
+    root = tmp_path / "zero"
+    shutil.copytree(tiny_imagenet / "data", root / "data")
+    shutil.copytree(tiny_imagenet / "torch", root / "torch")
+    main = _imagenet_main()
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    monkeypatch.setattr(main.engine, "validate", lambda *a, **k: (0.0, 0.0, 9.9, 4))
+    _in_process(main, "-a resnet18 --bit 5 --data data -b 4 -j 0 -p 1 --epochs 1".split(), root, monkeypatch)
+    assert torch.load(root / "checkpoint" / "res18_5best.pth.tar", weights_only=True)["epoch"] == 1

@@ -350,7 +350,8 @@ def main(argv=None):
             log.scalar('lr', optimizer.param_groups[0]['lr'], epoch)
             log.flush()
 
-            is_best = prec > best_prec
+            # the first epoch of a run always writes model_best (an epoch at 0 % must not leave it missing)
+            is_best = prec > best_prec or not os.path.exists(os.path.join(fdir, 'model_best.pth.tar'))
             best_prec = max(prec, best_prec)
             log.info(f'best acc: {best_prec:1f}')
             log.info(f'=> epoch {epoch + 1}/{args.epochs}: test {prec:.3f} best {best_prec:.3f}; '

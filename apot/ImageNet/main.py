@@ -218,7 +218,8 @@ def main():
             log.scalar("loss_val", loss, step)
             log.scalar("acc1_val", acc1, step)
             log.scalar("acc5_val", acc5, step)
-            is_best = acc1 > best_acc1
+            # the first epoch of a run always writes the best file (an epoch at 0 % must not leave it missing)
+            is_best = acc1 > best_acc1 or not os.path.exists(os.path.join(fdir, tag + "best.pth.tar"))
             best_acc1 = max(acc1, best_acc1)
             log.info(f" * Epoch {epoch} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}; "
                      f"{eta.line(epoch + 1)}")

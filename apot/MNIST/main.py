@@ -172,7 +172,8 @@ def main():
             log.scalar("acc1_val", acc1, step)
             log.scalar("acc5_val", acc5, step)
             log.flush()
-            is_best = acc1 > best_acc1
+            # the first epoch of a run always writes model_best (an epoch at 0 % must not leave it missing)
+            is_best = acc1 > best_acc1 or not os.path.exists(os.path.join(fdir, "model_best.pth.tar"))
             best_acc1 = max(acc1, best_acc1)
             log.info(f" * Epoch {epoch} Acc@1 {acc1:.2f} ({args.val_split}) best_acc:{best_acc1:.2f}; "
                      f"{eta.line(epoch + 1)}")
