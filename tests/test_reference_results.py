@@ -1,0 +1,55 @@
+"""The committed reference results (results/reference/<paper>/) are what `make compare` shows on a fresh clone:
+every line is a record written by common.results.record with what identifies it, training runs are full
+recipes with a seed and a committed log, and compare pairs them with the published rows."""
+import json
+import os
+
+import pytest
+
+from common import REPO_ROOT
+from common import compare
+
+REF = os.path.join(REPO_ROOT, "results", "reference")
+FIELDS = ("paper", "script", "model", "dataset", "split", "setting", "metric", "value", "n_samples", "command",
+          "commit", "timestamp", "recipe")
+
+
+def _files():
+    out = []
+    for paper in sorted(os.listdir(REF)):
+        d = os.path.join(REF, paper)
+        if os.path.isdir(d):
+            out += [os.path.join(paper, f) for f in sorted(os.listdir(d)) if f.endswith(".jsonl")]
+    return out
+
+
+@pytest.mark.parametrize("name", _files())
+def test_reference_records_are_complete(name):
+    paper = name.split(os.sep)[0]
+    with open(os.path.join(REF, name)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert rows
+    for r in rows:
+        missing = [k for k in FIELDS if r.get(k) in (None, "")]
+        assert not missing, (name, r.get("metric"), missing)
+        assert r["paper"] == paper
+    if paper == "alq":     # training runs: full recipe, a seed, the run's log next to it
+        for r in rows:
+            assert r["recipe"]["full"] is True and r["seed"] is not None and r["run_dir"], name
+        stem = os.path.splitext(os.path.basename(name))[0]
+        assert os.path.isfile(os.path.join(REF, paper, "log", stem + ".log"))
+        assert {r["metric"] for r in rows} >= {"top1", "avg_bits", "storage_KB", "packed_KB"}
+
+
+def test_alq_reference_seeds_pair_with_the_published_lenet5_row():
+    ref = compare.load_reference("alq", directory=REF)
+    runs = {r["seed"] for r in ref if r["setting"] == "ALQ" and r["metric"] == "avg_bits"}
+    if not runs:
+        pytest.skip("no ALQ reference run committed")
+    result = compare.compare_paper("alq", records=[], reference=ref)
+    row = next(e for e in result["rows"] if e["published"]["model"] == "lenet5"
+               and e["published"]["metric"] == "avg_bits")
+    rec = row["reference"]
+    assert rec is not None and row["local"] is None
+    if len(runs) > 1:
+        assert rec["_seeds"]["n"] == len(runs)
