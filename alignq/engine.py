@@ -152,7 +152,10 @@ def load_imagenet(model, path):
 
 
 def safe_reset(job_dir):
-    """--reset: remove job_dir only if it is a run directory this project wrote (config.txt or checkpoint/)."""
+    """--reset: remove job_dir only if it is a run directory this project wrote (config.txt or checkpoint/);
+    never through a link (a link made by plan_run points at a run under runs/alignq/, which stays)."""
+    if os.path.islink(job_dir):
+        return
     d = os.path.realpath(job_dir)
     cwd = os.path.realpath(os.getcwd())
     if not os.path.exists(d):
@@ -163,6 +166,89 @@ def safe_reset(job_dir):
         raise UserError(f"--reset refuses to remove {job_dir}: it does not look like an AlignQ run directory "
                         f"(no config.txt or checkpoint/)")
     shutil.rmtree(d)
+
+
+# ------------------------------------------------------------------------------------------------ run layout
+
+
+def is_real_dir(path):
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def holds_old_run(job_dir):
+    """A real --job_dir (not the link plan_run makes) holding a run: one written before runs/alignq/."""
+    return is_real_dir(job_dir) and (runs.holds_run(job_dir) or any(
+        os.path.exists(os.path.join(job_dir, m)) for m in ("config.txt", "checkpoint")))
+
+
+def resume_run_dir(path):
+    """The run directory of a --resume checkpoint, through links: the folder holding its checkpoint/ when that
+    is a run (manifest.json or config.txt) and writable; None for a loose file."""
+    d = os.path.dirname(os.path.realpath(path))
+    if os.path.basename(d) != "checkpoint":
+        return None
+    d = os.path.dirname(d)
+    if any(os.path.exists(os.path.join(d, m)) for m in ("manifest.json", "config.txt")) and os.access(d, os.W_OK):
+        return d
+    return None
+
+
+def job_name(args):
+    """The run's name stem: the basename of --job_dir (experiment/ours/resnet/t_8bit_pre32bit -> t_8bit_pre32bit)."""
+    base = os.path.basename(os.path.normpath(args.job_dir))
+    return base if base not in ("", ".", "..", os.sep) else args.experiment
+
+
+def plan_run(args):
+    """(run directory, old --job_dir for --reset to remove or None), decided and checked before any work.
+
+    A new run writes runs/alignq/<job_dir basename>-<time>/ (or runs/alignq/<--name>/) and --job_dir becomes a
+    link to it; a --resume checkpoint inside a run directory continues there. A real --job_dir holding a run of
+    an older version keeps the old rules: continue it with --resume, or remove it with --reset."""
+    job = args.job_dir
+    check_writable_dir(job, "--job_dir")
+    if args.name is not None and (not args.name or os.sep in args.name or args.name in (".", "..")):
+        raise UserError(f"--name {args.name!r} must be a plain directory name (it goes under runs/alignq/)")
+    cont = resume_run_dir(args.resume) if args.resume else None
+    old = holds_old_run(job) and cont != os.path.realpath(job)
+    if old and not args.reset:
+        last = os.path.join(job, "checkpoint", "model_last.pt")
+        raise UserError(f"{job} already holds a run written before runs/alignq/; continue it with --resume {last}, "
+                        f"remove it with --reset, or pass another --job_dir")
+    if is_real_dir(job) and not holds_old_run(job) and os.listdir(job):
+        raise UserError(f"--job_dir {job} is a directory of other files, not an AlignQ run (it becomes a link to the "
+                        f"run under runs/alignq/); pass another --job_dir")
+    if cont is not None:
+        check_writable_dir(cont, "--resume")
+        return cont, (job if old else None)
+    if args.name:
+        d = os.path.join(runs.runs_root(), PAPER, args.name)
+        if runs.holds_run(d) or os.path.exists(os.path.join(d, "checkpoint")):
+            raise UserError(f"{d} already holds a run; continue it with --resume "
+                            f"{os.path.join(d, 'checkpoint', 'model_last.pt')}, or pass another --name")
+    d = runs.plan_run_dir(PAPER, (job_name(args),), name=args.name or None, flag="--job_dir")
+    return os.path.realpath(d), (job if old else None)
+
+
+def link_job_dir(job_dir, run_dir, say):
+    """--job_dir (the README's output path) -> the run directory, as a relative link made when the run starts,
+    so that --resume <job_dir>/checkpoint/model_last.pt and --test_only find this run. An old real --job_dir
+    that this run continues is left as it is."""
+    if os.path.realpath(job_dir) == run_dir:
+        return
+    if is_real_dir(job_dir) and not os.listdir(job_dir):
+        os.rmdir(job_dir)
+    runs.link_latest(run_dir, job_dir, say=say)
+
+
+def same_job(ck, args, run_dir):
+    """An existing FP32 source model written by this --job_dir (a run of the same documented path, this run
+    or an older one) or by this run directory; such a file may be replaced by the new best model."""
+    job = str(ck.get("job_dir", "")) if isinstance(ck, dict) else ""
+    rd = str(ck.get("run_dir", "")) if isinstance(ck, dict) else ""
+    return bool(job) and (os.path.abspath(job) == os.path.abspath(args.job_dir)
+                          or os.path.realpath(job) == os.path.realpath(args.job_dir)) \
+        or bool(rd) and os.path.realpath(rd) == run_dir
 
 
 def check_args(args):
@@ -423,8 +509,7 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
     args = parse_args(sys.argv[1:] if argv is None else argv, experiment, admm, prog)
     check_args(args)
     check_results_writable()
-    if not args.test_only:
-        check_writable_dir(args.job_dir, "--job_dir")
+    run_dir, reset_dir = (None, None) if args.test_only else plan_run(args)   # nothing read or written before
     device = get_device(args.gpus[0] if torch.cuda.is_available() else None)
     seed = seed_everything(args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little"))
     kind = kind_of(args)
@@ -433,10 +518,10 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
     fp32 = is_fp32(args)
 
     # ---- initial weights: a checkpoint to evaluate/resume/refine, the FP32 source model, or ImageNet
-    ckpt_last = os.path.join(args.job_dir, "checkpoint", "model_last.pt")
     start_epoch, best, resume_ckpt, source_recipe, note = 0, 0.0, None, None, None
     if args.test_only:
-        path = args.resume or args.refine or os.path.join(args.job_dir, "checkpoint", "model_best.pt")
+        job = os.path.join(runs.runs_root(), PAPER, args.name) if args.name else args.job_dir
+        path = args.resume or args.refine or os.path.join(job, "checkpoint", "model_best.pt")
         ck = load_weights(model, path, "checkpoint to evaluate", name)
         ident, note = check_checkpoint(ck, path, wanted(args), flag="--test_only checkpoint",
                                        suggest=lambda i: f"the flags it was trained with ({describe(i)})")
@@ -465,20 +550,13 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
     if fp32 and not args.test_only:
         pretrain_target = source_candidates(args)[0]
         check_writable_file(pretrain_target, "--source_dir/--source_file")
-        if os.path.exists(pretrain_target):      # only this job's own earlier output may be replaced
+        if os.path.exists(pretrain_target):      # only an earlier run of this --job_dir may be replaced
             ck = load_checkpoint(pretrain_target, what="existing FP32 model")
-            if os.path.realpath(str(ck.get("job_dir", ""))) != os.path.realpath(args.job_dir):
+            if not same_job(ck, args, run_dir):
                 raise UserError(f"the FP32 model {pretrain_target} already exists (written by another run); remove "
                                 f"it or pass another --source_dir/--source_file")
-
-    # ---- run directory (never another run's): --reset removes this job's own directory first
-    if args.reset and not args.test_only:
-        safe_reset(args.job_dir)
-    if not args.test_only:
-        if not args.resume and (os.path.exists(ckpt_last) or runs.holds_run(args.job_dir)):
-            raise UserError(f"{args.job_dir} already holds a run; continue it with --resume {ckpt_last}, "
-                            f"or pass --reset or another --job_dir")
-        runs.plan_run_dir(PAPER, save_dir=args.job_dir, resume=args.resume, flag="--job_dir")
+    if reset_dir:                           # --reset: an old-layout real --job_dir goes (runs/alignq/ never)
+        safe_reset(reset_dir)
 
     model = model.to(device)
     if kind == "cls":
@@ -502,17 +580,20 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
         t1, t5, n = evaluate(model, test_loader, device)
         print(f"=> Test Prec@1: {t1:.3f} Prec@5: {t5:.3f} ({n} images)")
         record(PAPER, model=name, dataset=dataset, split=split, setting=setting, metric="top1", value=t1,
-               n_samples=n, extra=dict(extra, mode="test_only", top5=t5, checkpoint=os.path.abspath(path)),
+               n_samples=n, extra=dict(extra, mode="test_only", top5=t5, checkpoint=os.path.realpath(path)),
                recipe=source_recipe, seed=seed)
         return t1
 
     recipe = recipe_of(args, train_images(train_loader), source_recipe)
-    run_ = runs.start_run(PAPER, args.job_dir, args, seed=seed, device=device, recipe=recipe)
+    run_ = runs.start_run(PAPER, run_dir, args, seed=seed, device=device, recipe=recipe)
     log = run_.log
     try:
-        with open(os.path.join(args.job_dir, "config.txt"), "w") as f:
+        if args.reset and not reset_dir:
+            log.info(f"=> --reset: nothing to remove; earlier runs stay in {os.path.dirname(run_dir)}")
+        link_job_dir(args.job_dir, run_dir, log.info)
+        with open(os.path.join(run_dir, "config.txt"), "w") as f:
             f.write(time.strftime("%Y-%m-%d-%H:%M:%S") + "\n\n" + "".join(f"{k}: {v}\n" for k, v in vars(args).items()))
-        best = _train(model, args, device, kind, train_loader, test_loader, loaders, log, start_epoch, best,
+        best = _train(model, args, run_dir, device, kind, train_loader, test_loader, loaders, log, start_epoch, best,
                       resume_ckpt, recipe, pretrain_target, dict(name=name, dataset=dataset, split=split,
                                                                   setting=setting, extra=extra, n_test=n_test))
     finally:
@@ -520,7 +601,7 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
     return best
 
 
-def _train(model, args, device, kind, train_loader, test_loader, loaders, log, start_epoch, best, resume_ckpt,
+def _train(model, args, run_dir, device, kind, train_loader, test_loader, loaders, log, start_epoch, best, resume_ckpt,
            recipe, pretrain_target, rec):
     optimizer = None
     if kind == "cls":
@@ -538,10 +619,12 @@ def _train(model, args, device, kind, train_loader, test_loader, loaders, log, s
     if kind == "dsan":
         from alignq.dsan import dsan_step
         dsan_loss = dsan_step
-    ckpt_last = os.path.join(args.job_dir, "checkpoint", "model_last.pt")
-    best_path = os.path.join(args.job_dir, "checkpoint", "model_best.pt")
+    ckpt_last = os.path.join(run_dir, "checkpoint", "model_last.pt")
+    best_path = os.path.join(run_dir, "checkpoint", "model_best.pt")
+    linked = os.path.realpath(args.job_dir) == run_dir     # --resume <job_dir>/checkpoint/model_last.pt works
+    resume_hint = os.path.join(args.job_dir, "checkpoint", "model_last.pt") if linked else ckpt_last
     log.info(f"=> {args.experiment} {rec['name']} {rec['setting']}; {rec['n_test']} test images; "
-             f"epochs {start_epoch}..{args.num_epochs}; output {args.job_dir}")
+             f"epochs {start_epoch}..{args.num_epochs}; output {run_dir}" + (f" ({args.job_dir})" if linked else ""))
     n_iter = len(train_loader) if kind == "cls" else min(len(loaders["src_train"]), len(loaders["tgt_train"]))
     eta = runs.ETA(args.num_epochs, start_epoch, min(n_iter, args.max_iters or n_iter), say=log.info)
     epoch_times, t1 = [], None
@@ -559,7 +642,7 @@ def _train(model, args, device, kind, train_loader, test_loader, loaders, log, s
                 lr = optimizer.param_groups[0]["lr"] if optimizer is not None else dann_lr(args, epoch)
             if interrupt.requested():     # SIGINT/SIGTERM: the epoch stopped after a batch; --resume restarts it
                 save_checkpoint(state_of(model, args, epoch, best, optimizer, recipe), ckpt_last)
-                interrupt.stop(f"resumable checkpoint saved to {ckpt_last}; continue with --resume {ckpt_last}")
+                interrupt.stop(f"resumable checkpoint saved to {ckpt_last}; continue with --resume {resume_hint}")
             epoch_times.append(time.time() - t0)
             t1, t5, _ = evaluate(model, test_loader, device)
             msg = f"epoch {epoch}: lr {lr:.2e} train loss {loss:.4f} top1 {train_top1:.2f}; test Prec@1 {t1:.3f} " \
@@ -576,7 +659,7 @@ def _train(model, args, device, kind, train_loader, test_loader, loaders, log, s
             is_best = t1 > best or not os.path.exists(best_path)
             best = max(best, t1)
             st = state_of(model, args, epoch + 1, best, optimizer, recipe, finished=epoch + 1 == args.num_epochs)
-            st["job_dir"] = os.path.abspath(args.job_dir)
+            st["job_dir"], st["run_dir"] = os.path.abspath(args.job_dir), run_dir
             save_checkpoint(st, ckpt_last)
             if is_best:
                 save_checkpoint(st, best_path)

@@ -4,7 +4,7 @@ The README's command lines parse verbatim and mean what they say (the original's
 `--arch resnet` is accepted, `--lr_decay_steps [80, 120]` (split by the shell into "[80," "120]") gives
 milestones [80, 120], `--train_split "True"` sets a boolean, `--source_dir "pretrained"` works without a
 trailing slash. Additions: --data_dir everywhere, --no-pretrained, --experiment, --seed, --workers,
---grad_scaling, --corr_eps, --imagenet_weights, --max_iters (see alignq/DEVIATIONS.md).
+--grad_scaling, --corr_eps, --imagenet_weights, --max_iters, --name (see alignq/DEVIATIONS.md).
 """
 import argparse
 import re
@@ -92,7 +92,10 @@ def build_parser(experiment, admm=False, prog="main.py"):
     b("--gpus", type=int, nargs="+", default=[0], help="GPU ids (the first is used; CPU when CUDA is absent)")
     b("--dataset", default=d["dataset"], help="dataset of the experiment (informational, as the original)")
     b("--data_dir", default=None, help="data root (default ./data, ../shared/data when present)")
-    b("--job_dir", default=f"experiment/ours/t_{experiment}/", help="output: config.txt, logger.log, checkpoint/, run/")
+    b("--job_dir", default=f"experiment/ours/t_{experiment}/",
+      help="the run's documented path: a link to its directory runs/alignq/<basename>-<time>/ (config.txt, log.txt, "
+           "checkpoint/, tb/), made when the run starts")
+    b("--name", default=None, help="run directory runs/alignq/<name>/ (default: the --job_dir basename + time stamp)")
     b("--pretrained", default=True, **opt_bool, help="load the FP32 source model (default True)")
     b("--no-pretrained", dest="pretrained", action="store_false", help="start from scratch (and no ImageNet weights)")
     b("--stage", default=d["stage"], help="'align': 32-bit activations still pass the CDF transform")
@@ -100,8 +103,10 @@ def build_parser(experiment, admm=False, prog="main.py"):
     b("--arch", default="resnet", help="accepted for the README's commands (the model is --target_model/--model)")
     b("--source_dir", default="pretrained/", help="directory of the FP32 source model")
     b("--source_file", default=d["source_file"], help="source model file under --source_dir (or --source_dir/ours/)")
-    b("--reset", action="store_true", help="remove --job_dir first (only a directory this project wrote)")
-    b("--resume", default=None, help="continue from a checkpoint (job_dir/checkpoint/model_last.pt)")
+    b("--reset", action="store_true", help="remove a real --job_dir holding a run of an older version (written "
+      "before runs/alignq/) first; a new run never replaces another, so otherwise nothing is removed")
+    b("--resume", default=None,
+      help="continue from a checkpoint (job_dir/checkpoint/model_last.pt) in its own run directory")
     b("--refine", default=None, help="start from this checkpoint's weights (fine-tuning)")
     b("--bitW", type=bits, default=d["bitW"], help="weight bits (32 = full precision)")
     b("--abitW", type=bits, default=d["abitW"], help="activation bits (32 = full precision)")

@@ -5,7 +5,7 @@
 # Each is the README command of that experiment with --bitW 32 --abitW 32 (same recipe otherwise).
 # Environment: EPOCHS (default 200, the README's), DATA (default ../shared/data if present, else ./data),
 # IMAGENET_WEIGHTS (dann_office: torchvision's resnet50-0676ba61.pth; without it the backbone starts from
-# scratch only if NO_PRETRAINED=1), RESUME=1 (continue; otherwise an earlier run is started over), ITERS (iterations per epoch, smoke runs only), PYTHON.
+# scratch only if NO_PRETRAINED=1), RESUME=1 (continue the latest run; otherwise a new run in runs/alignq/, the earlier one stays), ITERS (iterations per epoch, smoke runs only), PYTHON.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -37,7 +37,8 @@ case "$EXP" in
                --momentum 0.9 --weight_decay 0.0005 --lam 1 --lam2 4 --act_range 2 --print_freq 10) ;;
     *) echo "error: unknown experiment '$EXP'; choose resnet-20-cifar-10 or dann_office" >&2; exit 2 ;;
 esac
-MODE=()   # an earlier run of this script: continue it with RESUME=1, else start it over (--reset)
+MODE=()   # an earlier run of this script: continue it with RESUME=1, else a new run (--reset removes only an
+          # old-layout real directory)
 if [ -f "$DIR/$JOB/checkpoint/model_last.pt" ]; then
     if [ "${RESUME:-0}" = 1 ]; then MODE=(--resume "$JOB/checkpoint/model_last.pt"); else MODE=(--reset); fi
 fi

@@ -7,7 +7,7 @@
 # Environment: EPOCHS (per stage, default 200 as the README), DATA (default ../shared/data if present, else
 # ./data; CIFAR-10 in DATA/cifar10 or DATA), OUT (default alignq/cdf_alignment/resnet-20-cifar-10/experiment/
 # reproduce), ITERS (iterations per epoch, smoke runs only), PYTHON, RESUME=1 (continue interrupted stages;
-# otherwise a stage's previous output under OUT is replaced), ALIGNQ_THREADS=N (torch CPU threads).
+# otherwise a new run; its predecessors stay in runs/alignq/), ALIGNQ_THREADS=N (torch CPU threads).
 # A run with EPOCHS < 200 or ITERS is recorded with a shortened recipe: compare never shows it as a reproduction.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,7 +34,8 @@ cat <<MSG
    per 8-bit epoch (391 iterations): EPOCHS=200 needs a GPU. ITERS=N limits the iterations per epoch (smoke test).
 MSG
 
-# stage(job_dir, flags...): resume with RESUME=1, otherwise replace this stage's previous output (--reset)
+# stage(job_dir, flags...): resume with RESUME=1, otherwise a new run (job_dir links to it; --reset removes only
+# an old-layout real job_dir)
 stage() {
     local job=$1; shift
     local mode=()

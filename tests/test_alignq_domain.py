@@ -75,6 +75,8 @@ def test_office_runs_end_to_end(tmp_path, experiment, admm, extra):
             "--src_data", "dslr", "--tgt_data", "webcam"] + extra
     best = engine.run(argv, experiment, admm=admm)
     assert 0 <= best <= 100
+    assert os.path.islink(tmp_path / "job") and os.path.realpath(tmp_path / "job").startswith(
+        os.path.join(os.environ["QUANTLAB_RUNS"], "alignq", "job-"))          # the run is under runs/alignq/
     ck = torch.load(tmp_path / "job" / "checkpoint" / "model_best.pt", weights_only=True)
     ident = ck["quantlab"]
     method = extra[extra.index("--method") + 1] if "--method" in extra else None

@@ -1,5 +1,7 @@
 """The other AlignQ experiments end to end on generated data: SVHN (.mat) ResNet-20 / MobileNetV2, DenseNet-40 and
 ResNet-56 ADMM on a generated CIFAR-10, the short-form entry, --refine, --grad_scaling and --stage align."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +58,10 @@ def test_short_form_admm_refine_and_options(tmp_path, target, experiment, n_admm
                    + base(tmp_path, data), cwd=f"{REPO}/alignq/cdf_alignment_admm",
                    env={"RESULTS_DIR": str(tmp_path / "res")})
     assert r.returncode == 0, r.stderr
+    # the entry point writes runs/alignq/job-<time>/ and --job_dir links to it
+    run_dir = os.path.realpath(tmp_path / "job")
+    assert os.path.islink(tmp_path / "job") and os.path.dirname(run_dir) == os.path.join(
+        os.environ["QUANTLAB_RUNS"], "alignq") and os.path.basename(run_dir).startswith("job-")
     ck = torch.load(tmp_path / "job" / "checkpoint" / "model_best.pt", weights_only=True)
     ident = ck["quantlab"]
     assert (ident["experiment"], ident["model"], ident["scheme"]) == (experiment, target, "alignq+admm")

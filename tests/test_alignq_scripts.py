@@ -122,16 +122,29 @@ def test_pretrain_quantize_evaluate_resume_reset(tmp_path):
     best = os.path.join(job8, "checkpoint", "model_best.pt")
     assert torch.load(best, weights_only=True)["quantlab"]["bits"] == 8
     assert engine.run(argv + ["--test_only"], "resnet-20-cifar-10") >= 0
-    with pytest.raises(UserError, match="already holds a run"):
-        engine.run(argv, "resnet-20-cifar-10")
+    first = os.path.realpath(job8)
+    engine.run(argv, "resnet-20-cifar-10")                 # the same command again: a new run, the first stays
+    second = os.path.realpath(job8)
+    assert second != first and os.path.isfile(os.path.join(first, "checkpoint", "model_best.pt"))
     argv2 = list(argv)
     argv2[argv2.index("--num_epochs") + 1] = "2"
     engine.run(argv2 + ["--resume", os.path.join(job8, "checkpoint", "model_last.pt")], "resnet-20-cifar-10")
-    assert torch.load(os.path.join(job8, "checkpoint", "model_last.pt"), weights_only=True)["epoch"] == 2
+    assert torch.load(os.path.join(second, "checkpoint", "model_last.pt"), weights_only=True)["epoch"] == 2
     with pytest.raises(UserError, match="bits differ"):   # a checkpoint under other flags
         engine.run(argv2 + ["--resume", os.path.join(job8, "checkpoint", "model_last.pt"), "--bitW", "4"],
                    "resnet-20-cifar-10")
-    engine.run(argv + ["--reset"], "resnet-20-cifar-10")  # a safe reset of a run directory
+    engine.run(argv + ["--reset"], "resnet-20-cifar-10")  # --reset through the link: a third run, nothing removed
+    assert os.path.isdir(first) and os.path.isdir(second) and os.path.realpath(job8) not in (first, second)
+    # the FP32 source model: a new run of the same --job_dir replaces it (its first run keeps its own copy);
+    # a run of another --job_dir may not
+    fp32_first = os.path.realpath(job32)
+    engine.run(["--bitW", "32", "--abitW", "32", "--num_epochs", "1", "--job_dir", job32] + common,
+               "resnet-20-cifar-10")
+    assert torch.load(src, weights_only=True)["run_dir"] == os.path.realpath(job32) != fp32_first
+    assert os.path.isfile(os.path.join(fp32_first, "checkpoint", "model_best.pt"))
+    with pytest.raises(UserError, match="already exists \\(written by another run\\)"):
+        engine.run(["--bitW", "32", "--abitW", "32", "--num_epochs", "1", "--job_dir", str(tmp_path / "exp" / "x")]
+                   + common, "resnet-20-cifar-10")
     with pytest.raises(UserError, match="refuses"):
         engine.safe_reset(str(tmp_path / "data"))        # not a run directory: never removed
     assert (tmp_path / "data" / "cifar-10-batches-py").is_dir()

@@ -1,12 +1,16 @@
 """Issue 9 on AlignQ (alignq/engine.py, every cdf_alignment*/ main.py): checks before any data is read, the
-device, seed and whole-run estimate printed at start, and evaluation records that carry the seed. Tiny
-generated CIFAR-10, in-process."""
+device, seed and whole-run estimate printed at start, evaluation records that carry the seed, and the run
+layout (each run in runs/alignq/<job_dir basename>-<time>/, --job_dir a link to the latest). Tiny generated
+CIFAR-10, in-process."""
 import json
 import os
+import shutil
 
 import pytest
+import torch
 
 from alignq import engine
+from common import interrupt
 from common.errors import UserError
 from test_alignq_scripts import make_cifar
 
@@ -47,5 +51,130 @@ def test_start_lines_and_evaluation_records_carry_device_and_seed(tmp_path, caps
     assert "=> device cpu, seed 7; evaluating" in out
     train, test = records()
     assert train["seed"] == 5 and test["seed"] == 7                             # the evaluation's was null
-    assert test["extra"]["checkpoint"] == str(tmp_path / "job" / "checkpoint" / "model_best.pt")
+    # the run's own file, not the --job_dir link (which moves to the next run)
+    assert test["extra"]["checkpoint"] == os.path.realpath(tmp_path / "job" / "checkpoint" / "model_best.pt")
+    assert test["extra"]["checkpoint"].startswith(os.path.join(os.environ["QUANTLAB_RUNS"], "alignq", "job-"))
     assert (test["split"], test["n_samples"]) == ("test[:20]", 20) and test["recipe"]["full"] is False
+
+
+# ------------------------------------------------------------------------------------------------ run layout
+
+
+def run_dirs():
+    root = os.path.join(os.environ["QUANTLAB_RUNS"], "alignq")
+    return sorted(os.path.join(root, d) for d in os.listdir(root)) if os.path.isdir(root) else []
+
+
+def tiny(tmp_path, job="job", epochs=1):
+    data = tmp_path / "data"
+    if not data.exists():
+        make_cifar(data)
+    return ["--data_dir", str(data), "--job_dir", str(tmp_path / job), "--bitW", "4", "--abitW", "4",
+            "--no-pretrained", "--num_epochs", str(epochs), "--train_batch_size", "16", "--eval_batch_size", "10",
+            "--workers", "0", "--seed", "0", "--print_freq", "100"]
+
+
+def test_two_runs_with_the_same_job_dir_both_survive(tmp_path):
+    """The README uses one --job_dir for two experiments: the second run no longer refuses or destroys the first."""
+    argv = tiny(tmp_path)
+    engine.run(argv, "resnet-20-cifar-10")
+    first = run_dirs()
+    job = tmp_path / "job"
+    assert len(first) == 1 and os.path.basename(first[0]).startswith("job-")       # basename + time stamp
+    assert os.path.islink(job) and not os.path.isabs(os.readlink(job))               # a relative link
+    assert os.path.realpath(job) == first[0]
+    engine.run(argv + ["--reset"], "resnet-20-cifar-10")     # --reset through the link removes nothing
+    both = run_dirs()
+    assert len(both) == 2 and first[0] in both
+    newer = [d for d in both if d != first[0]][0]
+    assert os.path.realpath(job) == newer                    # the link points at the newer run
+    for d in both:                                           # each a whole run of its own
+        for f in ("manifest.json", "config.txt", "log.txt", "checkpoint/model_best.pt", "checkpoint/model_last.pt"):
+            assert os.path.isfile(os.path.join(d, f)), (d, f)
+        ck = torch.load(os.path.join(d, "checkpoint", "model_best.pt"), weights_only=True)
+        assert ck["run_dir"] == d and ck["job_dir"] == str(job)
+    # --test_only defaults to the best model of the run the link points at
+    engine.run(argv + ["--test_only"], "resnet-20-cifar-10")
+    assert records()[-1]["extra"]["checkpoint"] == os.path.join(newer, "checkpoint", "model_best.pt")
+
+
+def test_killed_run_resumes_through_the_link(tmp_path, monkeypatch):
+    argv = tiny(tmp_path, epochs=2)
+    monkeypatch.setattr(interrupt, "requested", lambda: 2)                  # as if SIGINT arrived in epoch 0
+    last = os.path.join(str(tmp_path / "job"), "checkpoint", "model_last.pt")
+    with pytest.raises(interrupt.Interrupted) as e:
+        engine.run(argv, "resnet-20-cifar-10")
+    assert f"--resume {last}" in str(e.value)                 # the documented path, made when the run started
+    (d,) = run_dirs()
+    assert os.path.realpath(tmp_path / "job") == d and torch.load(last, weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    engine.run(argv + ["--resume", last], "resnet-20-cifar-10")
+    assert run_dirs() == [d]                                  # continued in the run's own directory
+    assert torch.load(os.path.join(d, "checkpoint", "model_last.pt"), weights_only=True)["epoch"] == 2
+    with open(os.path.join(d, "log.txt")) as f:
+        assert "=> resumed" in f.read()
+    # a second --job_dir continuing that run: the run stays where it is, the new path links to it
+    engine.run(tiny(tmp_path, job="other", epochs=3) + ["--resume", last], "resnet-20-cifar-10")
+    assert run_dirs() == [d] and os.path.realpath(tmp_path / "other") == d
+    # a loose checkpoint file (not inside a run directory) starts a run directory of its own from it
+    shutil.copy(last, tmp_path / "loose.pt")
+    engine.run(tiny(tmp_path, job="from_loose", epochs=4) + ["--resume", str(tmp_path / "loose.pt")],
+               "resnet-20-cifar-10")
+    new = [r for r in run_dirs() if r != d]
+    assert len(new) == 1 and os.path.basename(new[0]).startswith("from_loose-")
+    assert os.path.realpath(tmp_path / "from_loose") == new[0]
+    assert torch.load(os.path.join(new[0], "checkpoint", "model_last.pt"), weights_only=True)["epoch"] == 4
+
+
+def test_name_flag(tmp_path):
+    argv = tiny(tmp_path) + ["--name", "r20w4"]
+    engine.run(argv, "resnet-20-cifar-10")
+    d = os.path.join(os.environ["QUANTLAB_RUNS"], "alignq", "r20w4")
+    assert run_dirs() == [d] and os.path.realpath(tmp_path / "job") == d
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume .*r20w4"):
+        engine.run(argv, "resnet-20-cifar-10")
+    os.remove(tmp_path / "job")                               # --test_only --name finds the run without the link
+    engine.run(argv + ["--test_only"], "resnet-20-cifar-10")
+    assert records()[-1]["extra"]["checkpoint"] == os.path.join(d, "checkpoint", "model_best.pt")
+    for bad in ("a/b", ".."):
+        with pytest.raises(UserError, match="plain directory name"):
+            engine.run(tiny(tmp_path) + ["--name", bad], "resnet-20-cifar-10")
+
+
+def old_layout_run(tmp_path):
+    """A --job_dir written by a version before runs/alignq/: the run's files in the real directory itself."""
+    argv = tiny(tmp_path, epochs=2)
+    engine.run(argv[:argv.index("--num_epochs") + 1] + ["1"] + argv[argv.index("--num_epochs") + 2:],
+               "resnet-20-cifar-10")
+    (d,) = run_dirs()
+    os.remove(tmp_path / "job")
+    shutil.move(d, tmp_path / "job")
+    return argv, str(tmp_path / "job")
+
+
+def test_old_real_job_dir_keeps_the_old_rules(tmp_path):
+    argv, job = old_layout_run(tmp_path)
+    last = os.path.join(job, "checkpoint", "model_last.pt")
+    with pytest.raises(UserError, match=f"already holds a run written before runs/alignq/; continue it with "
+                                        f"--resume {last}"):
+        engine.run(argv, "resnet-20-cifar-10")
+    engine.run(argv + ["--resume", last], "resnet-20-cifar-10")           # continues in place
+    assert run_dirs() == [] and not os.path.islink(job)
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    engine.run(argv + ["--test_only"], "resnet-20-cifar-10")              # evaluates it in place
+    assert records()[-1]["extra"]["checkpoint"] == os.path.realpath(os.path.join(job, "checkpoint", "model_best.pt"))
+    engine.run(argv + ["--reset"], "resnet-20-cifar-10")                  # --reset: removed, then a new-layout run
+    (d,) = run_dirs()
+    assert os.path.islink(job) and os.path.realpath(job) == d
+
+
+def test_job_dir_that_is_not_a_run(tmp_path):
+    other = tmp_path / "job"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="directory of other files"):
+        engine.run(tiny(tmp_path), "resnet-20-cifar-10")
+    assert (other / "notes.txt").read_text() == "mine" and run_dirs() == []
+    os.remove(other / "notes.txt")                            # an empty directory becomes the link
+    engine.run(tiny(tmp_path), "resnet-20-cifar-10")
+    assert os.path.islink(other) and os.path.realpath(other) == run_dirs()[0]
