@@ -27,6 +27,7 @@ from common.device import get_rng_state, seed_everything, set_rng_state, setup_d
 from common.errors import UserError
 from common.identity import IDENTITY_KEY, identity, sha256_file
 from common.meters import progress
+from common.runlog import QuietLog
 from common.results import combine_recipes, recipe_info, record
 from myoptimizer import ALQ_optimizer
 from pack import KB, export_packed, load_packed, storage_breakdown, storage_KB
@@ -287,21 +288,6 @@ class ShardSampler(Sampler):
                  else torch.arange(self.n))
         return iter(self.dist.share(order, self.shuffle).tolist())
 
-
-class QuietLog:
-    """The run log of the processes other than rank 0: they print and write nothing."""
-
-    def info(self, msg):
-        pass
-
-    def scalar(self, tag, value, step):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------

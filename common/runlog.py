@@ -147,3 +147,19 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
         self._text.close()
+
+
+class QuietLog:
+    """RunLog's interface doing nothing: the log of torchrun processes other than rank 0."""
+
+    def info(self, msg):
+        pass
+
+    def scalar(self, tag, value, step):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass

@@ -26,6 +26,7 @@ from common import interrupt, runs  # noqa: E402
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.checks import check_range, check_results_writable, check_writable_dir  # noqa: E402
 from common.device import get_rng_state, seed_everything, set_rng_state  # noqa: E402
+from common.runlog import QuietLog  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.identity import IDENTITY_KEY, sha256_file  # noqa: E402
 from common.results import record  # noqa: E402
@@ -57,20 +58,6 @@ def make_parser(f8l8):
                    help="pretrained weights file (default: the original's file in its store); 'random' = random "
                         "initialisation (smoke runs: recorded as dataset 'synthetic', never as a reproduction)")
     return add_override_flags(p)
-
-
-class Quiet:
-    def info(self, msg):
-        pass
-
-    def scalar(self, *a):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def run_name(args, setting):
@@ -192,7 +179,7 @@ def main(f8l8=False):
                                                    teacher=source, world_size=dist.world, resume=ckpt_path),
                              seed=opt.manualSeed, device=device, recipe=recipe, overwrite=args.overwrite).log
     else:
-        log = Quiet()
+        log = QuietLog()
     try:
         train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_path, bns, dist, device, log,
                   recipe, source, teacher, student, generator, true_mean, true_var, teacher_output, n_classes,

@@ -15,6 +15,7 @@ from apot.ImageNet.models import quant_layer as ql
 from apot.ImageNet.models import resnet18 as imagenet_resnet18
 from apot.MNIST import models as mnist_models
 from common.errors import UserError
+from common.runlog import QuietLog
 from conftest import REPO, require_shared, run_script
 
 IMAGENET_DIR = os.path.join(REPO, "apot", "ImageNet")
@@ -312,7 +313,7 @@ def test_mnist_short_training_run_loss_falls():
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     losses = []
 
-    class Log(engine.Quiet):
+    class Log(QuietLog):
         def scalar(self, tag, value, step):
             if tag == "loss_train":
                 losses.append(value)

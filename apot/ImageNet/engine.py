@@ -29,19 +29,6 @@ def setup_distributed(gpu=None):
     return _setup_distributed(gpu)
 
 
-class Quiet:
-    """Stand-in for RunLog on ranks other than 0."""
-
-    def info(self, msg):
-        pass
-
-    def scalar(self, tag, value, step):
-        pass
-
-    def close(self):
-        pass
-
-
 def load_pretrained(model, path, flag="--pretrained", ckpt=None, strict=False):
     """Model weights from a checkpoint: those under 'state_dict' or 'model' (or a flat state dict),
     `module.` stripped. For progressive initialisation (strict=False) clipping parameters (act_alpha,

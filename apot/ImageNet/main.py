@@ -27,6 +27,7 @@ from common.device import seed_everything
 from common.errors import UserError, cli
 from common.identity import identity
 from common.results import combine_recipes, recipe_info, record
+from common.runlog import QuietLog
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -193,7 +194,7 @@ def main():
     qident = identity("apot", args.arch, bits=args.bit, scheme=engine.scheme(args.bit, power), stage="train",
                       recipe=recipe, init_recipe=init_recipe)
     log = runs.start_run("apot", fdir, args, seed=seed, device=device, recipe=recipe, overwrite=args.overwrite).log \
-        if main_process else engine.Quiet()
+        if main_process else QuietLog()
     eta = runs.ETA(args.epochs, start_epoch, len(train_loader), say=log.info)
 
     def state_at(epoch, **extra):
