@@ -14,7 +14,11 @@ Group structures (as in the original code):
     channelwise     conv: (K, 1, M, C_in*kh*kw) one group per output channel
     subchannelwise  fc:   (out, S, M, in/S)     S consecutive slices of each row
 """
+import ctypes
+import hashlib
 import os
+import subprocess
+import tempfile
 
 import torch
 
@@ -246,6 +250,58 @@ def _search_rows(U, code_t, hi_wins_tie, t, g0):
     return code_t.view(-1).index_select(0, idx.add_(pick_hi)).view_as(t)
 
 
+_NATIVE = {}  # the compiled search, loaded once per process: {"lib": ctypes function or None}
+
+
+def _native_search():
+    """`alq_nearest_code` of alq/nearest_code.c through ctypes, or None: QUANTLAB_ALQ_NATIVE=0, or no C compiler
+    (`$CC`, default cc), or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
+    atomically, so concurrent runs share one build. Without it the eager `_nearest_code_fast` does the same work."""
+    if "lib" in _NATIVE:
+        return _NATIVE["lib"]
+    _NATIVE["lib"] = None
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nearest_code.c")
+    flags = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+    cc = os.environ.get("CC", "cc")
+    with open(src, "rb") as f:
+        key = hashlib.sha1(f.read() + repr((cc, flags)).encode()).hexdigest()[:16]
+    cache = os.environ.get("QUANTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quantlab")
+    so = os.path.join(cache, f"alq_nearest_code-{key}.so")
+    try:
+        if not os.path.isfile(so):
+            os.makedirs(cache, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            try:
+                subprocess.run([cc, *flags, src, "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+                os.replace(tmp, so)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        fn = ctypes.CDLL(so).alq_nearest_code
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
+    _NATIVE["lib"] = fn
+    return fn
+
+
+def nearest_code_native(t, values):
+    """`_nearest_code_fast` for CPU float32 t (G, n), values (G, C), C <= 256, by the compiled search
+    (alq/nearest_code.c); None where it does not apply or is not available. No host sync: the data are on the host."""
+    G, C = values.shape
+    if t.device.type != "cpu" or C > 256 or t.dtype != torch.float32 or values.dtype != torch.float32:
+        return None
+    fn = _native_search() if os.environ.get("QUANTLAB_ALQ_NATIVE", "1") not in ("0", "") else None
+    if fn is None:
+        return None
+    t, values = t.contiguous(), values.contiguous()
+    code = torch.empty(t.shape, dtype=torch.uint8)
+    fn(t.data_ptr(), values.data_ptr(), G, t.size(1), C, code.data_ptr())
+    return code
+
+
 def nearest_code_fast(target, alpha, bit_table):
     """Same result as `nearest_code` / `nearest_code_dense` (codes (..., n) int64), by `_nearest_code_fast`."""
     lead, n = target.shape[:-1], target.shape[-1]
@@ -298,9 +354,19 @@ class BinaryLayer:
 
     @property
     def Bf(self):
+        """B as float32. The conversion is written into a buffer the layer keeps (fresh memory for a tensor this
+        size costs more than the conversion itself), so a Bf read before B changes is overwritten later."""
         if self._Bf is None or self._Bf[1] != self._B._version:  # B modified in place: convert again
-            self._Bf = (self._B.float(), self._B._version)
+            self._Bf = (self._buffer("Bf", self._B.shape).copy_(self._B), self._B._version)
         return self._Bf[0]
+
+    def _buffer(self, name, shape):
+        """A float32 scratch tensor of this shape on the layer's device, kept between steps."""
+        bufs = self.__dict__.setdefault("_buffers", {})
+        buf = bufs.get(name)
+        if buf is None or buf.shape != shape or buf.device != self._B.device:
+            buf = bufs[name] = torch.empty(shape, device=self._B.device)
+        return buf
 
     # --- grouping -----------------------------------------------------------------------------------
     def _group_shape(self):
@@ -492,7 +558,8 @@ class BinaryLayer:
         Bf = self.Bf
         ph = self.to_groups(pseudo_hessian).unsqueeze(-2)  # (d0, d1, 1, n)
         revised_grad_w = self.to_groups(-pseudo_hessian * self.w_FP + pseudo_grad).unsqueeze(-1)
-        revised_hessian = torch.matmul(Bf * ph, Bf.transpose(2, 3))
+        Bph = torch.mul(Bf, ph, out=self._buffer("Bph", Bf.shape))
+        revised_hessian = torch.matmul(Bph, Bf.transpose(2, 3))
         revised_hessian = revised_hessian + torch.diag_embed(1 + 1e-6 - self.mask.float().squeeze(-1))
         inv, info = torch.linalg.inv_ex(revised_hessian)  # torch.inverse, without raising on a singular system
         bad = info != 0
@@ -515,7 +582,10 @@ class BinaryLayer:
         M = self.max_bit
         target = self.to_groups(self.w_FP - pseudo_grad / pseudo_hessian)
         values = representable_values(self.alpha, self.bit_table).reshape(d0 * d1, -1)
-        code = _nearest_code_fast(target.reshape(d0 * d1, n), values).view(d0, d1, 1, n)
+        code = nearest_code_native(target.reshape(d0 * d1, n), values)
+        if code is None:
+            code = _nearest_code_fast(target.reshape(d0 * d1, n), values)
+        code = code.view(d0, d1, 1, n)
         if M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots (int8 throughout)
             m8 = self.mask.to(torch.int8)
             shifts = torch.arange(M, dtype=torch.int8, device=code.device).view(M, 1)

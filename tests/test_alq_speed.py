@@ -6,7 +6,9 @@ mode, and a seeded shortened LeNet5 pipeline.
 Exact equality is legitimate here: both paths run in this process on this machine, perform the same float
 operations in the same order (the reductions, matmuls and inverses are the very same calls) and differ only in
 how they select codes and gather values, which is integer work with a single correct answer."""
+import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -39,11 +41,11 @@ def _targets_on_values(values, g, n):
     return torch.where(torch.rand(d0, d1, n, generator=g) < 0.5, a, (a + b) / 2)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 6, 8, 9])
-def test_fast_search_equals_dense_and_sorted(M):
+def _search_cases(M):
+    """(case, alpha (d0, d1, M, 1), target (d0, d1, n)) for the search tests: the shapes of trouble."""
     g = torch.Generator().manual_seed(M)
     table = bn.construct_bit_table(M)
-    for case in range(6):
+    for case in range(8):
         d0, d1, n = 5, 3, 37
         alpha = torch.rand(d0, d1, M, 1, generator=g)
         if case == 1:  # few distinct coordinates: many equal values, exact ties
@@ -55,18 +57,91 @@ def test_fast_search_equals_dense_and_sorted(M):
             alpha.zero_()
         if case == 4 and M > 1:  # coordinates 1 ulp apart: float distances can tie (dense recomputation)
             alpha[..., 1, :] = torch.nextafter(alpha[..., 0, :], torch.tensor(2.0))
+        if case == 6:  # non-finite coordinates in two groups
+            alpha[0, 0, 0] = float("nan")
+            alpha[1, 2, 0] = float("inf")
+        if case == 7:  # subnormal values: the gap test's 2^-126 floor
+            alpha = alpha * 1e-39
         values = bn.representable_values(alpha, table).view(d0, d1, -1)
-        target = torch.randn(d0, d1, n, generator=g) * 2
-        if case in (1, 2, 4):
+        target = torch.randn(d0, d1, n, generator=g) * (1e-39 if case == 7 else 2)
+        if case in (1, 2, 4, 7):
             target = _targets_on_values(values, g, n)
         if case == 5:  # non-finite targets and targets beyond every value
             target[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
             target[1, 1, :2] = torch.tensor([1e30, -1e30])
+        yield case, alpha, target
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 6, 8, 9])
+def test_fast_search_equals_dense_and_sorted(M):
+    table = bn.construct_bit_table(M)
+    for case, alpha, target in _search_cases(M):
         dense = bn.nearest_code_dense(target, alpha, table)
         fast = bn.nearest_code_fast(target, alpha, table)
         assert fast.dtype == torch.int64
         assert torch.equal(fast, dense), (M, case)
         assert torch.equal(bn.nearest_code(target, alpha, table), dense), (M, case)
+
+
+def _have_cc():
+    return shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+@pytest.mark.skipif(not _have_cc(), reason="no C compiler: the eager search runs instead (tested above)")
+@pytest.mark.parametrize("M", [1, 2, 3, 6, 8])
+def test_native_search_equals_eager_and_dense(M):
+    """alq/nearest_code.c gives the eager search's codes (same dtype) and the dense argmin's, on every case."""
+    table = bn.construct_bit_table(M)
+    for case, alpha, target in _search_cases(M):
+        d0, d1, n = target.shape
+        values = bn.representable_values(alpha, table).reshape(d0 * d1, -1)
+        eager = bn._nearest_code_fast(target.reshape(-1, n), values)
+        native = bn.nearest_code_native(target.reshape(-1, n), values)
+        assert native is not None and native.dtype == eager.dtype == torch.uint8
+        assert torch.equal(native, eager), (M, case)
+        assert torch.equal(native.long().view(d0, d1, n), bn.nearest_code_dense(target, alpha, table)), (M, case)
+    # a non-contiguous target (pixelwise groups are a transposed view) is read correctly
+    t = torch.randn(37, 15).t()
+    v = bn.representable_values(torch.rand(15, M, 1), table).reshape(15, -1)
+    assert torch.equal(bn.nearest_code_native(t, v), bn._nearest_code_fast(t.contiguous(), v))
+
+
+def test_native_search_applies_only_where_it_can(monkeypatch):
+    """Codes wider than uint8 (M = 9), other dtypes and QUANTLAB_ALQ_NATIVE=0 leave the work to the eager search."""
+    t = torch.randn(4, 10)
+    assert bn.nearest_code_native(t, torch.randn(4, 512)) is None
+    assert bn.nearest_code_native(t.double(), torch.randn(4, 64).double()) is None
+    monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", "0")
+    assert bn.nearest_code_native(t, torch.randn(4, 64)) is None
+
+
+def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp_path):
+    """The library is built once into $QUANTLAB_CACHE (atomically, named by the source's hash) and reused; with no
+    compiler there is no library and basis steps still give the reference's tensors."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    if _have_cc():
+        monkeypatch.setattr(bn, "_NATIVE", {})
+        assert bn._native_search() is not None
+        built = list((tmp_path / "cache").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("alq_nearest_code-") and built[0].suffix == ".so"
+        mtime = built[0].stat().st_mtime_ns
+        monkeypatch.setattr(bn, "_NATIVE", {})
+        assert bn._native_search() is not None and built[0].stat().st_mtime_ns == mtime
+    monkeypatch.setattr(bn, "_NATIVE", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache2"))
+    assert bn._native_search() is None
+    assert bn.nearest_code_native(torch.randn(4, 10), torch.randn(4, 64)) is None
+    assert not any(p.suffix == ".so" for p in (tmp_path / "cache2").iterdir())  # no half-built file left
+    torch.manual_seed(0)
+    w, pg, ph = torch.randn(8, 64), torch.randn(8, 64) * 1e-3, torch.rand(8, 64) + 0.1
+    fast, ref = (bn.FCLayer_bin(w, 0, "subchannelwise", 1, 6) for _ in range(2))
+    fast.basis_step(pg, ph)
+    ref.optimize_bin_basis(pg, ph)
+    ref.speedup(pg, ph)
+    ref.update_w_FP()
+    for k in ("B", "alpha", "w_FP"):
+        assert_same(getattr(fast, k), getattr(ref, k), k)
 
 
 # --------------------------------------------------------------------------------------------- reconstruction
@@ -121,8 +196,9 @@ SUBC, MAX_BIT = [0, 0, 0, 1, 1], [4, 4, 4, 6, 9]
 MODES = ["basis", "basis", "coordinate", "prune", "basis", "ste", "coordinate", "ste", "prune", "basis"]
 
 
-def _run_steps(monkeypatch, reference, fix_sign_flip):
+def _run_steps(monkeypatch, reference, fix_sign_flip, native=True):
     monkeypatch.setenv("QUANTLAB_ALQ_REFERENCE", "1" if reference else "")
+    monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", "1" if native else "0")
     torch.manual_seed(0)
     random.seed(0)  # the pruning's per-layer candidate counts
     net = _Net()
@@ -153,8 +229,9 @@ def _run_steps(monkeypatch, reference, fix_sign_flip):
     return out
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-search", "eager-search"])
 @pytest.mark.parametrize("fix_sign_flip", [False, True])
-def test_steps_fast_equal_reference(monkeypatch, fix_sign_flip):
+def test_steps_fast_equal_reference(monkeypatch, fix_sign_flip, native):
     ref = _run_steps(monkeypatch, True, fix_sign_flip)
     flipped = []  # (layer read through codes, number of bases flipped) per least-squares fit of the fast run
     least_squares = bn.BinaryLayer._least_squares
@@ -164,7 +241,7 @@ def test_steps_fast_equal_reference(monkeypatch, fix_sign_flip):
         flipped.append((self._table_form(), int(neg.sum()) if flip else 0))
         return neg, flip
     monkeypatch.setattr(bn.BinaryLayer, "_least_squares", recording)
-    fast = _run_steps(monkeypatch, False, fix_sign_flip)
+    fast = _run_steps(monkeypatch, False, fix_sign_flip, native)
     assert ref.keys() == fast.keys()
     for k in ref:
         assert_same(ref[k], fast[k], k)

@@ -1,0 +1,135 @@
+/* ALQ basis step, the code search of binarynet._nearest_code_fast in one pass of compiled code (CPU).
+ *
+ * For every group g (G of them) with C = 2^M representable values v[g, 0..C-1] and n targets t[g, 0..n-1],
+ * write the code c minimising |t - v[c]| (lowest c among equal distances, the first NaN distance if any: exactly
+ * torch.argmin(|t - v|) over c). Same selection, same float operations, as the eager path:
+ *   sort the values (ascending, equal values in ascending code order); low[q] = lowest code of the run of equal
+ *   values at sorted position q; p = max{q : sorted[q] < t} (or 0); take sorted[p + 1] when it is nearer, or as
+ *   near with a lower code. Groups where float rounding could make a farther value tie (smallest gap between
+ *   distinct values <= max(scale * 2^-22, 2^-126), scale = max|t| + max|v|), or with a non-finite value or target,
+ *   are searched densely instead.
+ * Built with -ffp-contract=off and without fast-math: every float operation is the single IEEE operation written.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define MAX_C 256
+
+/* torch.argmin(|t - v|): the lowest code with the smallest distance; a NaN distance counts as the smallest */
+static uint8_t dense_code(float t, const float *v, int C)
+{
+    int best = 0;
+    float best_d = fabsf(t - v[0]);
+    if (isnan(best_d))
+        return 0;
+    for (int c = 1; c < C; c++) {
+        float d = fabsf(t - v[c]);
+        if (isnan(d))
+            return (uint8_t)c;
+        if (d < best_d) {
+            best_d = d;
+            best = c;
+        }
+    }
+    return (uint8_t)best;
+}
+
+/* ascending by value, equal values by code: a merge sort of (value, code) pairs (a stable sort of the values) */
+static void sort_pairs(float *sv, uint8_t *sc, float *tv, uint8_t *tc, int C)
+{
+    for (int w = 1; w < C; w *= 2) {
+        for (int lo = 0; lo < C; lo += 2 * w) {
+            int mid = lo + w < C ? lo + w : C, hi = lo + 2 * w < C ? lo + 2 * w : C;
+            int i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) {
+                if (sv[j] < sv[i]) { tv[k] = sv[j]; tc[k++] = sc[j++]; }
+                else { tv[k] = sv[i]; tc[k++] = sc[i++]; }
+            }
+            while (i < mid) { tv[k] = sv[i]; tc[k++] = sc[i++]; }
+            while (j < hi) { tv[k] = sv[j]; tc[k++] = sc[j++]; }
+        }
+        for (int k = 0; k < C; k++) { sv[k] = tv[k]; sc[k] = tc[k]; }
+    }
+}
+
+#define BLOCK 32
+
+/* cnt[k] = #{q < C : U[q] < x[k]} for k < m: C compares per target, but vectorised across the targets of a block
+ * (a binary search is a chain of unpredictable dependent loads); AVX-512 and AVX2 clones, picked at load time by the CPU */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void count_below(const float *U, int C, const float *x, int m, int32_t *cnt)
+{
+    float xb[BLOCK];
+    for (int k = 0; k < BLOCK; k++) {
+        xb[k] = k < m ? x[k] : 0.0f;
+        cnt[k] = 0;
+    }
+    for (int q = 0; q < C; q++) {
+        float u = U[q];
+        for (int k = 0; k < BLOCK; k++)
+            cnt[k] += u < xb[k];
+    }
+}
+
+/* t: (G, n), values: (G, C), out: (G, n) codes; C a power of two <= 256; all contiguous float32 / uint8 */
+void alq_nearest_code(const float *t, const float *values, int64_t G, int64_t n, int32_t C, uint8_t *out)
+{
+    float U[MAX_C + 1], tv[MAX_C];
+    uint8_t sc[MAX_C], low[MAX_C + 1], tc[MAX_C], hi_wins_tie[MAX_C + 1];
+    for (int64_t g = 0; g < G; g++) {
+        const float *v = values + g * C, *tg = t + g * n;
+        uint8_t *o = out + g * n;
+        int finite = 1;
+        float t_abs = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            float a = fabsf(tg[i]);
+            if (!isfinite(a)) finite = 0;
+            else if (a > t_abs) t_abs = a;
+        }
+        for (int c = 0; c < C; c++) {
+            if (!isfinite(v[c])) finite = 0;
+            U[c] = v[c];
+            sc[c] = (uint8_t)c;
+        }
+        int dense = !finite;
+        if (!dense) {
+            sort_pairs(U, sc, tv, tc, C);
+            U[C] = INFINITY;
+            float gap = INFINITY;
+            low[0] = sc[0];
+            for (int q = 1; q < C; q++) {
+                if (U[q] != U[q - 1]) {
+                    float d = U[q] - U[q - 1];
+                    if (d < gap) gap = d;
+                    low[q] = sc[q];
+                } else {
+                    low[q] = low[q - 1];
+                }
+            }
+            low[C] = 0;
+            for (int q = 0; q < C; q++)
+                hi_wins_tie[q] = q + 1 < C && low[q + 1] < low[q];
+            float v_abs = fabsf(U[0]) > fabsf(U[C - 1]) ? fabsf(U[0]) : fabsf(U[C - 1]);
+            float scale = t_abs + v_abs, thr = scale * 0x1p-22f;
+            if (thr < 0x1p-126f) thr = 0x1p-126f;
+            dense = !isfinite(scale) || gap <= thr;
+        }
+        if (dense) {
+            for (int64_t i = 0; i < n; i++)
+                o[i] = dense_code(tg[i], v, C);
+            continue;
+        }
+        for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
+            int m = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
+            int32_t cnt[BLOCK];
+            count_below(U, C, tg + i0, m, cnt);
+            for (int k = 0; k < m; k++) {
+                float x = tg[i0 + k];
+                int p = cnt[k] > 0 ? cnt[k] - 1 : 0;  /* p = max{q : U[q] < x}, or 0 */
+                float d_lo = x - U[p], d_hi = U[p + 1] - x;
+                int pick = (d_hi < d_lo) | ((d_hi == d_lo) & hi_wins_tie[p]);
+                o[i0 + k] = low[p + pick];
+            }
+        }
+    }
+}
