@@ -250,23 +250,24 @@ def _search_rows(U, code_t, hi_wins_tie, t, g0):
     return code_t.view(-1).index_select(0, idx.add_(pick_hi)).view_as(t)
 
 
-_NATIVE = {}  # the compiled search, loaded once per process: {"lib": ctypes function or None}
+_NATIVE = {}  # the compiled basis-step library, loaded once per process: {"lib": ctypes CDLL or None}
 
 
-def _native_search():
-    """`alq_nearest_code` of alq/nearest_code.c through ctypes, or None: QUANTLAB_ALQ_NATIVE=0, or no C compiler
-    (`$CC`, default cc), or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
-    atomically, so concurrent runs share one build. Without it the eager `_nearest_code_fast` does the same work."""
+def _native_lib():
+    """alq/basis_step.c through ctypes (`alq_nearest_code`, `alq_fill_bases`), or None where there is no C compiler
+    (`$CC`, default cc) or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
+    atomically, so concurrent runs share one build. Without it the eager torch code does the same work.
+    QUANTLAB_ALQ_NATIVE=0 turns it off (checked by the callers, at every call)."""
     if "lib" in _NATIVE:
         return _NATIVE["lib"]
     _NATIVE["lib"] = None
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nearest_code.c")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "basis_step.c")
     flags = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
     cc = os.environ.get("CC", "cc")
     with open(src, "rb") as f:
         key = hashlib.sha1(f.read() + repr((cc, flags)).encode()).hexdigest()[:16]
     cache = os.environ.get("QUANTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quantlab")
-    so = os.path.join(cache, f"alq_nearest_code-{key}.so")
+    so = os.path.join(cache, f"alq_basis_step-{key}.so")
     try:
         if not os.path.isfile(so):
             os.makedirs(cache, exist_ok=True)
@@ -278,27 +279,34 @@ def _native_search():
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        fn = ctypes.CDLL(so).alq_nearest_code
+        lib = ctypes.CDLL(so)
     except (OSError, subprocess.SubprocessError):
         return None
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p]
-    _NATIVE["lib"] = fn
-    return fn
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.alq_nearest_code.restype = lib.alq_fill_bases.restype = None
+    lib.alq_nearest_code.argtypes = [p, p, i64, i64, ctypes.c_int32, p]
+    lib.alq_fill_bases.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_int32, p, p, p, p]
+    _NATIVE["lib"] = lib
+    return lib
+
+
+def _native():
+    """The compiled library where it may run (QUANTLAB_ALQ_NATIVE not 0), else None."""
+    return _native_lib() if os.environ.get("QUANTLAB_ALQ_NATIVE", "1") not in ("0", "") else None
 
 
 def nearest_code_native(t, values):
     """`_nearest_code_fast` for CPU float32 t (G, n), values (G, C), C <= 256, by the compiled search
-    (alq/nearest_code.c); None where it does not apply or is not available. No host sync: the data are on the host."""
+    (alq/basis_step.c); None where it does not apply or is not available. No host sync: the data are on the host."""
     G, C = values.shape
     if t.device.type != "cpu" or C > 256 or t.dtype != torch.float32 or values.dtype != torch.float32:
         return None
-    fn = _native_search() if os.environ.get("QUANTLAB_ALQ_NATIVE", "1") not in ("0", "") else None
-    if fn is None:
+    lib = _native()
+    if lib is None:
         return None
     t, values = t.contiguous(), values.contiguous()
     code = torch.empty(t.shape, dtype=torch.uint8)
-    fn(t.data_ptr(), values.data_ptr(), G, t.size(1), C, code.data_ptr())
+    lib.alq_nearest_code(t.data_ptr(), values.data_ptr(), G, t.size(1), C, code.data_ptr())
     return code
 
 
@@ -553,12 +561,16 @@ class BinaryLayer:
             self.B = torch.where(neg, -self.B, self.B)
         return True
 
-    def _least_squares(self, pseudo_grad, pseudo_hessian, flip=None):
-        """`speedup` up to the basis flip: sets alpha; returns (neg (d0, d1, M, 1), whether to flip those bases)."""
+    def _least_squares(self, pseudo_grad, pseudo_hessian, flip=None, filled=None):
+        """`speedup` up to the basis flip: sets alpha; returns (neg (d0, d1, M, 1), whether to flip those bases).
+        filled: (B * ph, -ph * w_FP + pg or None) as `_fill_native` wrote them (the same values)."""
         Bf = self.Bf
-        ph = self.to_groups(pseudo_hessian).unsqueeze(-2)  # (d0, d1, 1, n)
-        revised_grad_w = self.to_groups(-pseudo_hessian * self.w_FP + pseudo_grad).unsqueeze(-1)
-        Bph = torch.mul(Bf, ph, out=self._buffer("Bph", Bf.shape))
+        Bph, revised_grad_w = filled or (None, None)
+        if revised_grad_w is None:
+            revised_grad_w = self.to_groups(-pseudo_hessian * self.w_FP + pseudo_grad).unsqueeze(-1)
+        if Bph is None:
+            ph = self.to_groups(pseudo_hessian).unsqueeze(-2)  # (d0, d1, 1, n)
+            Bph = torch.mul(Bf, ph, out=self._buffer("Bph", Bf.shape))
         revised_hessian = torch.matmul(Bph, Bf.transpose(2, 3))
         revised_hessian = revised_hessian + torch.diag_embed(1 + 1e-6 - self.mask.float().squeeze(-1))
         inv, info = torch.linalg.inv_ex(revised_hessian)  # torch.inverse, without raising on a singular system
@@ -573,6 +585,31 @@ class BinaryLayer:
             flip = not self.legacy_sign_flip or self.max_bit == 1 or self.group_size == 1
         return neg, flip
 
+    def _fill_native(self, code, pseudo_grad, pseudo_hessian):
+        """Set B from the uint8 codes (d0, d1, 1, n) with `alq_fill_bases`, caching its float form, and return
+        (B * ph, -ph * w_FP + pg) for `_least_squares`; None where the compiled library does not run (then nothing
+        is set). The second is None for pixelwise groups, whose group view of a weight is not a plain reshape (the
+        least squares then form it as before, so the matmul reads the same layout)."""
+        lib = _native() if code.device.type == "cpu" and code.dtype == torch.uint8 else None
+        if lib is None:
+            return None
+        d0, d1, M, n = self.group_shape[0], self.group_shape[1], self.max_bit, self.group_shape[2]
+        G = d0 * d1
+        ph = self.to_groups(pseudo_hessian).float().contiguous()
+        plain = self.structure != "pixelwise"
+        w = self.to_groups(self.w_FP).contiguous() if plain else ph
+        pg = self.to_groups(pseudo_grad).contiguous() if plain else ph
+        mask = self.mask.contiguous().view(torch.uint8)
+        B = torch.empty((d0, d1, M, n), dtype=torch.int8)
+        Bf, Bph = self._buffer("Bf", B.shape), self._buffer("Bph", B.shape)
+        rgw = torch.empty((d0, d1, n, 1)) if plain else None
+        lib.alq_fill_bases(code.contiguous().data_ptr(), mask.data_ptr(), ph.data_ptr(), w.data_ptr(),
+                           pg.data_ptr(), G, n, M, B.data_ptr(), Bf.data_ptr(), Bph.data_ptr(),
+                           rgw.data_ptr() if plain else None)
+        self.B = B
+        self._Bf = (Bf, B._version)
+        return Bph, rgw
+
     def basis_step(self, pseudo_grad, pseudo_hessian, ste=False):
         """One basis step fused: `optimize_bin_basis`, `speedup`, then w_FP <- reconstruction (ste: w_FP -= pg/ph,
         the shadow step). Same tensors bit for bit as those calls (tests/test_alq_speed.py), faster: the code
@@ -586,13 +623,16 @@ class BinaryLayer:
         if code is None:
             code = _nearest_code_fast(target.reshape(d0 * d1, n), values)
         code = code.view(d0, d1, 1, n)
-        if M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots (int8 throughout)
+        filled = self._fill_native(code, pseudo_grad, pseudo_hessian)
+        if filled is not None:
+            pass  # B, its float form, B * ph and -ph * w_FP + pg written in one compiled pass
+        elif M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots (int8 throughout)
             m8 = self.mask.to(torch.int8)
             shifts = torch.arange(M, dtype=torch.int8, device=code.device).view(M, 1)
             self.B = (code.view(torch.int8) >> shifts).bitwise_and_(1).mul_(m8 * 2).sub_(m8)
         else:
             self.B = self.bit_table[code.squeeze(2).long()].transpose(2, 3).contiguous() * self.mask.to(torch.int8)
-        neg, flip = self._least_squares(pseudo_grad, pseudo_hessian)
+        neg, flip = self._least_squares(pseudo_grad, pseudo_hessian, filled=filled)
         code = code.view(d0, d1, n)
         if flip:
             self.B = torch.where(neg, -self.B, self.B)

@@ -42,6 +42,29 @@ class ALQ_optimizer(Optimizer):
         super().__init__(params, defaults)
         self.legacy_importance_index = legacy_importance_index
         self.legacy_tie_order = legacy_tie_order  # PyTorch 1.3's CPU quicksort order among equal deltas
+        self._reproject = {}  # param -> its BinaryLayer, where the alpha-domain statistics are due (_alpha_state)
+
+    def _alpha_state(self, p):
+        """Bring the alpha-domain statistics of p up to date. A basis/STE step re-projects them from the w domain
+        (m_alpha = B m, v_alpha and vmax_alpha = group sums of v and vmax, an approximation of the original);
+        that is done here, when they are first read (a coordinate step, state_dict), not at every basis/STE step:
+        the values are the same, as B, the mask and the w-domain statistics only change in steps, and every
+        basis/STE step replaces the previous re-projection entirely."""
+        p_bin = self._reproject.pop(p, None)
+        if p_bin is not None:
+            state = self.state[p]
+            state["exp_avg_alpha"] = p_bin.construct_grad_alpha(state["exp_avg"])
+            state["exp_avg_sq_alpha"] = p_bin.construct_hessian_alpha(state["exp_avg_sq"])
+            state["max_exp_avg_sq_alpha"] = p_bin.construct_hessian_alpha(state["max_exp_avg_sq"])
+
+    def state_dict(self):
+        for p in list(self._reproject):
+            self._alpha_state(p)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._reproject.clear()
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _amsgrad(state, suffix, grad, group):
@@ -88,6 +111,7 @@ class ALQ_optimizer(Optimizer):
                     state["max_exp_avg_sq"] = torch.zeros_like(p)
 
                 if mode == "coordinate":
+                    self._alpha_state(p)  # before the w-domain statistics move on
                     grad_alpha = p_bin.construct_grad_alpha(grad)
                     self._amsgrad(state, "", grad, group)  # the w-domain statistics keep running
                     if group["weight_decay"] != 0:  # L2 on the coordinates, the only place wd acts
@@ -119,11 +143,9 @@ class ALQ_optimizer(Optimizer):
                             self._copy_to_param(p, p_bin.reconstruct_w())
                     else:
                         self._copy_to_param(p, p_bin.basis_step(pg, ph, ste=mode == "ste"))
-                    # alpha-domain statistics re-projected from the w domain (approximation of the original)
+                    # alpha-domain statistics re-projected from the w domain, when next read (_alpha_state)
                     state["step_alpha"] += 1
-                    state["exp_avg_alpha"] = p_bin.construct_grad_alpha(state["exp_avg"])
-                    state["exp_avg_sq_alpha"] = p_bin.construct_hessian_alpha(state["exp_avg_sq"])
-                    state["max_exp_avg_sq_alpha"] = p_bin.construct_hessian_alpha(state["max_exp_avg_sq"])
+                    self._reproject[p] = p_bin
 
             if pruning_rate is not None:
                 self._prune(params_bin, group, importance, pruning_rate[1])

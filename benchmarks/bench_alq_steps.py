@@ -4,7 +4,8 @@ One training step = zero_grad, forward, backward, parameter update, on random MN
 the full-precision LeNet5 with SGD (the PRETRAIN recipe); the ALQ steps run Adam on the biases and
 `ALQ_optimizer.step(mode)` on the quantized weights after initialisation with the script's default structures and
 max_bit (lenet5.DEFAULTS). `fast` is the default path, `reference` the straightforward one
-(QUANTLAB_ALQ_REFERENCE=1); both give identical tensors (tests/test_alq_speed.py). Every case has its own copy
+(QUANTLAB_ALQ_REFERENCE=1), `eager-search` the fast path with the eager instead of the compiled code search
+(QUANTLAB_ALQ_NATIVE=0); all give identical tensors (tests/test_alq_speed.py). Every case has its own copy
 of the model, and the cases are timed round-robin, so a load change on a shared machine hits all of them alike;
 the time of a step is its thread CPU time (wall time next to it). Ratios are to the plain step of the same run.
 Rows go to results/bench/alq_steps.csv.
@@ -28,7 +29,7 @@ from common.errors import cli
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "alq"))
 import lenet5  # noqa: E402  (the ALQ scripts' top-level module names)
-from binarynet import split_parameters  # noqa: E402
+from binarynet import _native_lib, split_parameters  # noqa: E402
 from myoptimizer import ALQ_optimizer  # noqa: E402
 from train import initialize  # noqa: E402
 
@@ -69,14 +70,16 @@ def main():
             opt_w.step(layers, mode)
         return net, update
 
-    cases = {"plain": (make_plain(), "")}
+    # path -> (QUANTLAB_ALQ_REFERENCE, QUANTLAB_ALQ_NATIVE); "eager-search": the fast step without the compiled search
+    paths = {"fast": ("", "1"), "eager-search": ("", "0"), "reference": ("1", "1")}
+    cases = {"plain": (make_plain(), paths["fast"])}
     for mode in ("coordinate", "basis", "ste"):
-        for path, env in (("fast", ""), ("reference", "1")):
-            cases[f"{mode} {path}"] = (make_alq(mode), env)
+        for path in ("fast", "eager-search", "reference") if mode != "coordinate" else ("fast", "reference"):
+            cases[f"{mode} {path}"] = (make_alq(mode), paths[path])
 
     def run(case):
         (net, update), env = cases[case]
-        os.environ["QUANTLAB_ALQ_REFERENCE"] = env
+        os.environ["QUANTLAB_ALQ_REFERENCE"], os.environ["QUANTLAB_ALQ_NATIVE"] = env
         net.zero_grad(set_to_none=True)
         loss_func(net(x), y).backward()
         update()
@@ -95,7 +98,9 @@ def main():
             sync()
             cpu[c].append(time.thread_time() - c0)
             wall[c].append(time.perf_counter() - t0)
-    os.environ.pop("QUANTLAB_ALQ_REFERENCE", None)
+    for k in ("QUANTLAB_ALQ_REFERENCE", "QUANTLAB_ALQ_NATIVE"):
+        os.environ.pop(k, None)
+    native = "compiled" if _native_lib() is not None else "unavailable"
     med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
     med_wall = {c: statistics.median(v) for c, v in wall.items()}
     env = environment(device)
@@ -106,12 +111,15 @@ def main():
         rows.append({**env, "model": "lenet5", "batch": args.batch, "step": step, "path": path or "-",
                      "cpu_ms": round(med_cpu[c] * 1e3, 2), "wall_ms": round(med_wall[c] * 1e3, 2),
                      "ratio_to_plain_cpu": round(r_cpu, 3), "ratio_to_plain_wall": round(r_wall, 3),
-                     "rounds": args.rounds})
+                     "rounds": args.rounds, "compiled_search": native})
         print(f"{c:22s} cpu {med_cpu[c] * 1e3:8.1f} ms ({r_cpu:4.2f}x plain)   wall {med_wall[c] * 1e3:8.1f} ms "
               f"({r_wall:4.2f}x plain)")
     for mode in ("coordinate", "basis", "ste"):
         f, r = med_cpu[f"{mode} fast"], med_cpu[f"{mode} reference"]
         print(f"{mode:10s} fast is {r / f:4.2f}x faster than reference (cpu)")
+    for mode in ("basis", "ste"):
+        f, e = med_cpu[f"{mode} fast"], med_cpu[f"{mode} eager-search"]
+        print(f"{mode:10s} compiled search ({native}): step {e / f:4.2f}x faster than with the eager search (cpu)")
     append_rows(args.out, rows)
 
 

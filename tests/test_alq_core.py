@@ -248,6 +248,7 @@ def test_basis_step_by_hand():
     assert np.array_equal(layer.B.view(2, 4).numpy(), B)
     assert np.allclose(layer.alpha.view(-1).numpy(), alpha, rtol=1e-5)
     assert np.allclose(p.detach().view(-1).numpy(), alpha @ B, atol=1e-6)
+    opt.state_dict()  # brings the alpha-domain statistics up to date (they are re-projected when first read)
     st = opt.state[p]  # alpha-domain statistics re-projected: m_alpha = B m, v_alpha = sum of v over the group
     assert np.allclose(st["exp_avg_alpha"].view(-1).numpy(), B @ (0.1 * GRAD.double().numpy()), atol=1e-7)
     assert np.allclose(st["exp_avg_sq_alpha"].view(-1).numpy(), [0.001 * float((GRAD ** 2).sum())] * 2)

@@ -121,16 +121,16 @@ def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     if _have_cc():
         monkeypatch.setattr(bn, "_NATIVE", {})
-        assert bn._native_search() is not None
+        assert bn._native_lib() is not None
         built = list((tmp_path / "cache").iterdir())
-        assert len(built) == 1 and built[0].name.startswith("alq_nearest_code-") and built[0].suffix == ".so"
+        assert len(built) == 1 and built[0].name.startswith("alq_basis_step-") and built[0].suffix == ".so"
         mtime = built[0].stat().st_mtime_ns
         monkeypatch.setattr(bn, "_NATIVE", {})
-        assert bn._native_search() is not None and built[0].stat().st_mtime_ns == mtime
+        assert bn._native_lib() is not None and built[0].stat().st_mtime_ns == mtime
     monkeypatch.setattr(bn, "_NATIVE", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache2"))
-    assert bn._native_search() is None
+    assert bn._native_lib() is None
     assert bn.nearest_code_native(torch.randn(4, 10), torch.randn(4, 64)) is None
     assert not any(p.suffix == ".so" for p in (tmp_path / "cache2").iterdir())  # no half-built file left
     torch.manual_seed(0)
@@ -223,6 +223,7 @@ def _run_steps(monkeypatch, reference, fix_sign_flip, native=True):
         else:
             opt_w.step(layers, mode)
     out = dict(net.state_dict())
+    opt_w.state_dict()  # the alpha-domain statistics of the last basis step, re-projected when first read
     for i, layer in enumerate(layers):
         out.update({f"{layer.name}.{k}": v for k, v in layer.state_dict().items() if torch.is_tensor(v)})
         out.update({f"state{i}.{k}": v for k, v in opt_w.state[params_w[i]].items() if torch.is_tensor(v)})
@@ -241,7 +242,18 @@ def test_steps_fast_equal_reference(monkeypatch, fix_sign_flip, native):
         flipped.append((self._table_form(), int(neg.sum()) if flip else 0))
         return neg, flip
     monkeypatch.setattr(bn.BinaryLayer, "_least_squares", recording)
+    compiled = []  # structure of every layer whose bases the compiled pass wrote
+    fill_native = bn.BinaryLayer._fill_native
+
+    def counting(self, *args):
+        out = fill_native(self, *args)
+        if out is not None:
+            compiled.append(self.structure)
+        return out
+    monkeypatch.setattr(bn.BinaryLayer, "_fill_native", counting)
     fast = _run_steps(monkeypatch, False, fix_sign_flip, native)
+    # the compiled pass ran for every structure with codes up to 8 bits (not for M = 9), or not at all
+    assert set(compiled) == (set(STRUCTURE) if native and _have_cc() else set())
     assert ref.keys() == fast.keys()
     for k in ref:
         assert_same(ref[k], fast[k], k)

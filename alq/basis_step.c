@@ -1,5 +1,6 @@
-/* ALQ basis step, the code search of binarynet._nearest_code_fast in one pass of compiled code (CPU).
+/* ALQ basis step on the CPU, the work between the matmuls in compiled code (loaded by binarynet._native_lib).
  *
+ * alq_nearest_code: the code search of binarynet._nearest_code_fast in one pass.
  * For every group g (G of them) with C = 2^M representable values v[g, 0..C-1] and n targets t[g, 0..n-1],
  * write the code c minimising |t - v[c]| (lowest c among equal distances, the first NaN distance if any: exactly
  * torch.argmin(|t - v|) over c). Same selection, same float operations, as the eager path:
@@ -8,7 +9,12 @@
  *   near with a lower code. Groups where float rounding could make a farther value tie (smallest gap between
  *   distinct values <= max(scale * 2^-22, 2^-126), scale = max|t| + max|v|), or with a non-finite value or target,
  *   are searched densely instead.
- * Built with -ffp-contract=off and without fast-math: every float operation is the single IEEE operation written.
+ *
+ * alq_fill_bases: the bases of those codes, B (int8), B as float and B * ph, and -ph * w + pg, which the least
+ * squares read (binarynet.BinaryLayer._least_squares computes the same with torch ops).
+ *
+ * Built with -ffp-contract=off and without fast-math: every float operation is the single IEEE operation written,
+ * so the results are those of the torch ops they replace, bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
@@ -131,5 +137,32 @@ void alq_nearest_code(const float *t, const float *values, int64_t G, int64_t n,
                 o[i0 + k] = low[p + pick];
             }
         }
+    }
+}
+
+/* code: (G, n); mask: (G, M) 0/1; ph, w, pg: (G, n); B, Bf, Bph: (G, M, n); rgw: (G, n) or NULL. Slot j of a
+ * weight is +1 where bit j of its code is set, -1 where not, 0 where the slot is masked. */
+void alq_fill_bases(const uint8_t *code, const uint8_t *mask, const float *ph, const float *w, const float *pg,
+                    int64_t G, int64_t n, int32_t M, int8_t *B, float *Bf, float *Bph, float *rgw)
+{
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *cg = code + g * n;
+        const float *hg = ph + g * n;
+        for (int j = 0; j < M; j++) {
+            int8_t on = mask[g * M + j] ? 1 : 0;
+            int64_t off = (g * M + j) * n;
+            for (int64_t i = 0; i < n; i++) {
+                int8_t b = (int8_t)((((cg[i] >> j) & 1) * 2 - 1) * on);
+                float bf = (float)b;
+                B[off + i] = b;
+                Bf[off + i] = bf;
+                Bph[off + i] = bf * hg[i];
+            }
+        }
+        if (rgw)
+            for (int64_t i = 0; i < n; i++) {
+                float r = -hg[i] * w[g * n + i];
+                rgw[g * n + i] = r + pg[g * n + i];
+            }
     }
 }
