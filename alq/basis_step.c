@@ -10,8 +10,10 @@
  *   distinct values <= max(scale * 2^-22, 2^-126), scale = max|t| + max|v|), or with a non-finite value or target,
  *   are searched densely instead.
  *
+ * alq_basis_search: the same from w, pg, ph, forming the targets w - pg / ph itself.
  * alq_fill_bases: the bases of those codes, B (int8), B as float and B * ph, and -ph * w + pg, which the least
  * squares read (binarynet.BinaryLayer._least_squares computes the same with torch ops).
+ * alq_reconstruct: the weights of the codes (BinaryLayer._reconstruct_from_code); alq_shadow_step: w += -pg / ph.
  *
  * Built with -ffp-contract=off and without fast-math: every float operation is the single IEEE operation written,
  * so the results are those of the torch ops they replace, bit for bit.
@@ -78,65 +80,111 @@ static void count_below(const float *U, int C, const float *x, int m, int32_t *c
 }
 
 /* t: (G, n), values: (G, C), out: (G, n) codes; C a power of two <= 256; all contiguous float32 / uint8 */
-void alq_nearest_code(const float *t, const float *values, int64_t G, int64_t n, int32_t C, uint8_t *out)
+/* the codes o[0..n-1] of the targets tg[0..n-1] of one group with values v[0..C-1] */
+static void search_group(const float *tg, int64_t n, const float *v, int C, uint8_t *o)
 {
     float U[MAX_C + 1], tv[MAX_C];
     uint8_t sc[MAX_C], low[MAX_C + 1], tc[MAX_C], hi_wins_tie[MAX_C + 1];
+    int finite = 1;
+    float t_abs = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(tg[i]);
+        if (!isfinite(a)) finite = 0;
+        else if (a > t_abs) t_abs = a;
+    }
+    for (int c = 0; c < C; c++) {
+        if (!isfinite(v[c])) finite = 0;
+        U[c] = v[c];
+        sc[c] = (uint8_t)c;
+    }
+    int dense = !finite;
+    if (!dense) {
+        sort_pairs(U, sc, tv, tc, C);
+        U[C] = INFINITY;
+        float gap = INFINITY;
+        low[0] = sc[0];
+        for (int q = 1; q < C; q++) {
+            if (U[q] != U[q - 1]) {
+                float d = U[q] - U[q - 1];
+                if (d < gap) gap = d;
+                low[q] = sc[q];
+            } else {
+                low[q] = low[q - 1];
+            }
+        }
+        low[C] = 0;
+        for (int q = 0; q < C; q++)
+            hi_wins_tie[q] = q + 1 < C && low[q + 1] < low[q];
+        float v_abs = fabsf(U[0]) > fabsf(U[C - 1]) ? fabsf(U[0]) : fabsf(U[C - 1]);
+        float scale = t_abs + v_abs, thr = scale * 0x1p-22f;
+        if (thr < 0x1p-126f) thr = 0x1p-126f;
+        dense = !isfinite(scale) || gap <= thr;
+    }
+    if (dense) {
+        for (int64_t i = 0; i < n; i++)
+            o[i] = dense_code(tg[i], v, C);
+        return;
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
+        int m = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
+        int32_t cnt[BLOCK];
+        count_below(U, C, tg + i0, m, cnt);
+        for (int k = 0; k < m; k++) {
+            float x = tg[i0 + k];
+            int p = cnt[k] > 0 ? cnt[k] - 1 : 0;  /* p = max{q : U[q] < x}, or 0 */
+            float d_lo = x - U[p], d_hi = U[p + 1] - x;
+            int pick = (d_hi < d_lo) | ((d_hi == d_lo) & hi_wins_tie[p]);
+            o[i0 + k] = low[p + pick];
+        }
+    }
+}
+
+/* t: (G, n) targets, values: (G, C), out: (G, n) codes; C a power of two <= 256; all contiguous */
+void alq_nearest_code(const float *t, const float *values, int64_t G, int64_t n, int32_t C, uint8_t *out)
+{
+    for (int64_t g = 0; g < G; g++)
+        search_group(t + g * n, n, values + g * C, C, out + g * n);
+}
+
+/* the basis step's search from w, pg, ph (G, n): target = w - pg / ph (written to t), then its codes */
+void alq_basis_search(const float *w, const float *pg, const float *ph, const float *values, int64_t G, int64_t n,
+                      int32_t C, float *t, uint8_t *out)
+{
     for (int64_t g = 0; g < G; g++) {
-        const float *v = values + g * C, *tg = t + g * n;
-        uint8_t *o = out + g * n;
-        int finite = 1;
-        float t_abs = 0.0f;
+        float *tg = t + g * n;
         for (int64_t i = 0; i < n; i++) {
-            float a = fabsf(tg[i]);
-            if (!isfinite(a)) finite = 0;
-            else if (a > t_abs) t_abs = a;
+            float q = pg[g * n + i] / ph[g * n + i];
+            tg[i] = w[g * n + i] - q;
         }
+        search_group(tg, n, values + g * C, C, out + g * n);
+    }
+}
+
+/* w[g, i] = table[g][code[g, i]], table[g][c] = (((0 + t_0) + t_1) + ... + t_{M-1}) + 0 with t_j = plus[g, j] where
+ * bit j of c is set, minus[g, j] where not: BinaryLayer._reconstruct_from_code, the same additions in the same order */
+void alq_reconstruct(const uint8_t *code, const float *minus, const float *plus, int64_t G, int64_t n, int32_t M,
+                     float *w)
+{
+    float table[MAX_C];
+    int C = 1 << M;
+    for (int64_t g = 0; g < G; g++) {
         for (int c = 0; c < C; c++) {
-            if (!isfinite(v[c])) finite = 0;
-            U[c] = v[c];
-            sc[c] = (uint8_t)c;
+            float acc = 0.0f;
+            for (int j = 0; j < M; j++)
+                acc = acc + ((c >> j) & 1 ? plus[g * M + j] : minus[g * M + j]);
+            table[c] = acc + 0.0f;
         }
-        int dense = !finite;
-        if (!dense) {
-            sort_pairs(U, sc, tv, tc, C);
-            U[C] = INFINITY;
-            float gap = INFINITY;
-            low[0] = sc[0];
-            for (int q = 1; q < C; q++) {
-                if (U[q] != U[q - 1]) {
-                    float d = U[q] - U[q - 1];
-                    if (d < gap) gap = d;
-                    low[q] = sc[q];
-                } else {
-                    low[q] = low[q - 1];
-                }
-            }
-            low[C] = 0;
-            for (int q = 0; q < C; q++)
-                hi_wins_tie[q] = q + 1 < C && low[q + 1] < low[q];
-            float v_abs = fabsf(U[0]) > fabsf(U[C - 1]) ? fabsf(U[0]) : fabsf(U[C - 1]);
-            float scale = t_abs + v_abs, thr = scale * 0x1p-22f;
-            if (thr < 0x1p-126f) thr = 0x1p-126f;
-            dense = !isfinite(scale) || gap <= thr;
-        }
-        if (dense) {
-            for (int64_t i = 0; i < n; i++)
-                o[i] = dense_code(tg[i], v, C);
-            continue;
-        }
-        for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-            int m = n - i0 < BLOCK ? (int)(n - i0) : BLOCK;
-            int32_t cnt[BLOCK];
-            count_below(U, C, tg + i0, m, cnt);
-            for (int k = 0; k < m; k++) {
-                float x = tg[i0 + k];
-                int p = cnt[k] > 0 ? cnt[k] - 1 : 0;  /* p = max{q : U[q] < x}, or 0 */
-                float d_lo = x - U[p], d_hi = U[p + 1] - x;
-                int pick = (d_hi < d_lo) | ((d_hi == d_lo) & hi_wins_tie[p]);
-                o[i0 + k] = low[p + pick];
-            }
-        }
+        for (int64_t i = 0; i < n; i++)
+            w[g * n + i] = table[code[g * n + i]];
+    }
+}
+
+/* the STE shadow step, w += (-pg) / ph, over N weights */
+void alq_shadow_step(float *w, const float *pg, const float *ph, int64_t N)
+{
+    for (int64_t i = 0; i < N; i++) {
+        float d = -pg[i] / ph[i];
+        w[i] = w[i] + d;
     }
 }
 

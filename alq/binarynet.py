@@ -254,7 +254,7 @@ _NATIVE = {}  # the compiled basis-step library, loaded once per process: {"lib"
 
 
 def _native_lib():
-    """alq/basis_step.c through ctypes (`alq_nearest_code`, `alq_fill_bases`), or None where there is no C compiler
+    """alq/basis_step.c through ctypes, or None where there is no C compiler
     (`$CC`, default cc) or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
     atomically, so concurrent runs share one build. Without it the eager torch code does the same work.
     QUANTLAB_ALQ_NATIVE=0 turns it off (checked by the callers, at every call)."""
@@ -283,9 +283,14 @@ def _native_lib():
     except (OSError, subprocess.SubprocessError):
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.alq_nearest_code.restype = lib.alq_fill_bases.restype = None
-    lib.alq_nearest_code.argtypes = [p, p, i64, i64, ctypes.c_int32, p]
-    lib.alq_fill_bases.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_int32, p, p, p, p]
+    i32 = ctypes.c_int32
+    for name, args in (("alq_nearest_code", [p, p, i64, i64, i32, p]),
+                       ("alq_basis_search", [p, p, p, p, i64, i64, i32, p, p]),
+                       ("alq_fill_bases", [p, p, p, p, p, i64, i64, i32, p, p, p, p]),
+                       ("alq_reconstruct", [p, p, p, i64, i64, i32, p]),
+                       ("alq_shadow_step", [p, p, p, i64])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, args
     _NATIVE["lib"] = lib
     return lib
 
@@ -489,6 +494,12 @@ class BinaryLayer:
         maskf = self.mask.float().view(G, M)
         coef = self.alpha.view(G, M) * maskf
         minus, plus = -maskf * coef, maskf * coef  # B_j * coef_j with B_j = -1, +1
+        lib = _native() if code.device.type == "cpu" and code.dtype == torch.uint8 else None
+        if lib is not None:  # the same sums and reads in compiled code
+            w = torch.empty((d0, d1, n))
+            code, minus, plus = code.contiguous(), minus.contiguous(), plus.contiguous()  # alive during the call
+            lib.alq_reconstruct(code.data_ptr(), minus.data_ptr(), plus.data_ptr(), G, n, M, w.data_ptr())
+            return self.from_groups(w)
         acc = torch.zeros((G, 1), device=coef.device)
         for j in range(M):  # column c holds the sum for the codes c (mod 2^(j+1))
             acc = torch.cat([acc + minus[:, j:j + 1], acc + plus[:, j:j + 1]], dim=1)
@@ -585,27 +596,21 @@ class BinaryLayer:
             flip = not self.legacy_sign_flip or self.max_bit == 1 or self.group_size == 1
         return neg, flip
 
-    def _fill_native(self, code, pseudo_grad, pseudo_hessian):
+    def _fill_native(self, code, grouped):
         """Set B from the uint8 codes (d0, d1, 1, n) with `alq_fill_bases`, caching its float form, and return
-        (B * ph, -ph * w_FP + pg) for `_least_squares`; None where the compiled library does not run (then nothing
-        is set). The second is None for pixelwise groups, whose group view of a weight is not a plain reshape (the
-        least squares then form it as before, so the matmul reads the same layout)."""
-        lib = _native() if code.device.type == "cpu" and code.dtype == torch.uint8 else None
-        if lib is None:
-            return None
+        (B * ph, -ph * w_FP + pg) for `_least_squares`. grouped: w_FP, pg, ph in group form, contiguous. The second
+        is None for pixelwise groups, whose group view of a weight is not a plain reshape (the least squares then
+        form it as before, so the matmul reads the same layout)."""
         d0, d1, M, n = self.group_shape[0], self.group_shape[1], self.max_bit, self.group_shape[2]
-        G = d0 * d1
-        ph = self.to_groups(pseudo_hessian).float().contiguous()
+        w, pg, ph = grouped
         plain = self.structure != "pixelwise"
-        w = self.to_groups(self.w_FP).contiguous() if plain else ph
-        pg = self.to_groups(pseudo_grad).contiguous() if plain else ph
-        mask = self.mask.contiguous().view(torch.uint8)
+        code, mask = code.contiguous(), self.mask.contiguous().view(torch.uint8)
         B = torch.empty((d0, d1, M, n), dtype=torch.int8)
         Bf, Bph = self._buffer("Bf", B.shape), self._buffer("Bph", B.shape)
         rgw = torch.empty((d0, d1, n, 1)) if plain else None
-        lib.alq_fill_bases(code.contiguous().data_ptr(), mask.data_ptr(), ph.data_ptr(), w.data_ptr(),
-                           pg.data_ptr(), G, n, M, B.data_ptr(), Bf.data_ptr(), Bph.data_ptr(),
-                           rgw.data_ptr() if plain else None)
+        _native().alq_fill_bases(code.data_ptr(), mask.data_ptr(), ph.data_ptr(), w.data_ptr(), pg.data_ptr(),
+                                 d0 * d1, n, M, B.data_ptr(), Bf.data_ptr(), Bph.data_ptr(),
+                                 rgw.data_ptr() if plain else None)
         self.B = B
         self._Bf = (Bf, B._version)
         return Bph, rgw
@@ -617,13 +622,20 @@ class BinaryLayer:
         the codes. Returns the weight for the network (the reconstruction)."""
         d0, d1, n = self.group_shape
         M = self.max_bit
-        target = self.to_groups(self.w_FP - pseudo_grad / pseudo_hessian)
         values = representable_values(self.alpha, self.bit_table).reshape(d0 * d1, -1)
-        code = nearest_code_native(target.reshape(d0 * d1, n), values)
-        if code is None:
+        lib = _native() if self.w_FP.device.type == "cpu" and self.w_FP.dtype == torch.float32 and M <= 8 else None
+        grouped = None
+        if lib is not None:  # target = w_FP - pg / ph and its codes in one compiled pass
+            grouped = [self.to_groups(t).contiguous() for t in (self.w_FP, pseudo_grad, pseudo_hessian)]
+            values = values.contiguous()
+            target, code = torch.empty((d0, d1, n)), torch.empty((d0, d1, n), dtype=torch.uint8)
+            lib.alq_basis_search(*(t.data_ptr() for t in grouped), values.data_ptr(), d0 * d1, n, 2 ** M,
+                                 target.data_ptr(), code.data_ptr())
+        else:
+            target = self.to_groups(self.w_FP - pseudo_grad / pseudo_hessian)
             code = _nearest_code_fast(target.reshape(d0 * d1, n), values)
         code = code.view(d0, d1, 1, n)
-        filled = self._fill_native(code, pseudo_grad, pseudo_hessian)
+        filled = self._fill_native(code, grouped) if grouped is not None else None
         if filled is not None:
             pass  # B, its float form, B * ph and -ph * w_FP + pg written in one compiled pass
         elif M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots (int8 throughout)
@@ -643,7 +655,10 @@ class BinaryLayer:
             w = self._reconstruct_from_code(code)
         else:
             w = self.reconstruct_w(reference=True)
-        if ste:
+        if ste and lib is not None and self.w_FP.is_contiguous():  # w_FP += -pg / ph, same operations compiled
+            pg, ph = pseudo_grad.contiguous(), pseudo_hessian.contiguous()
+            lib.alq_shadow_step(self.w_FP.data_ptr(), pg.data_ptr(), ph.data_ptr(), self.w_FP.numel())
+        elif ste:
             self.w_FP.add_(-pseudo_grad / pseudo_hessian)
         else:
             self.w_FP = w

@@ -6,8 +6,9 @@ the full-precision LeNet5 with SGD (the PRETRAIN recipe); the ALQ steps run Adam
 max_bit (lenet5.DEFAULTS). `fast` is the default path, `reference` the straightforward one
 (QUANTLAB_ALQ_REFERENCE=1), `eager-search` the fast path with the eager instead of the compiled code search
 (QUANTLAB_ALQ_NATIVE=0); all give identical tensors (tests/test_alq_speed.py). Every case has its own copy
-of the model, and the cases are timed round-robin, so a load change on a shared machine hits all of them alike;
-the time of a step is its thread CPU time (wall time next to it). Ratios are to the plain step of the same run.
+of the model, and the cases are timed round-robin in a shuffled order, so a load change on a shared machine hits all
+of them alike and no case always follows the same one; the time of a step is its thread CPU time (wall time next
+to it). Ratios are to the plain step of the same run.
 Rows go to results/bench/alq_steps.csv.
 
     python benchmarks/bench_alq_steps.py [--rounds 15] [--threads 1] [--batch 128]
@@ -15,6 +16,7 @@ Rows go to results/bench/alq_steps.csv.
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -90,8 +92,10 @@ def main():
     cpu, wall = {c: [] for c in cases}, {c: [] for c in cases}
     for c in cases:  # warm-up (first step of each mode also creates the optimizer state)
         run(c)
-    for _ in range(args.rounds):
-        for c in cases:
+    for r in range(args.rounds):
+        order = list(cases)
+        random.Random(r).shuffle(order)  # each case follows a different one every round (cache effects average out)
+        for c in order:
             sync()
             t0, c0 = time.perf_counter(), time.thread_time()
             run(c)
