@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -280,7 +281,15 @@ def _native_lib():
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         lib = ctypes.CDLL(so)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        if isinstance(e, FileNotFoundError) and e.filename == cc:
+            why = f"no C compiler {cc!r}"
+        elif isinstance(e, subprocess.CalledProcessError):
+            why = f"{cc} failed: " + ((e.stderr or b"").decode(errors="replace").strip().splitlines() or ["?"])[0]
+        else:
+            why = str(e)
+        print(f"note: ALQ's compiled basis step is not available ({why}); the same computation runs in torch, "
+              f"slower", file=sys.stderr)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     i32 = ctypes.c_int32

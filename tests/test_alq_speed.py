@@ -115,7 +115,7 @@ def test_native_search_applies_only_where_it_can(monkeypatch):
     assert bn.nearest_code_native(t, torch.randn(4, 64)) is None
 
 
-def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp_path):
+def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp_path, capsys):
     """The library is built once into $QUANTLAB_CACHE (atomically, named by the source's hash) and reused; with no
     compiler there is no library and basis steps still give the reference's tensors."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
@@ -131,7 +131,9 @@ def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache2"))
     assert bn._native_lib() is None
+    assert capsys.readouterr().err.count("note: ALQ's compiled basis step is not available (no C compiler") == 1
     assert bn.nearest_code_native(torch.randn(4, 10), torch.randn(4, 64)) is None
+    assert capsys.readouterr().err == ""  # said once per process
     assert not any(p.suffix == ".so" for p in (tmp_path / "cache2").iterdir())  # no half-built file left
     torch.manual_seed(0)
     w, pg, ph = torch.randn(8, 64), torch.randn(8, 64) * 1e-3, torch.rand(8, 64) + 0.1
