@@ -56,14 +56,16 @@ def plan_run_dir(paper, name_parts=(), name=None, save_dir=None, resume=None, ov
                  flag="--save-dir"):
     """The directory of this run, decided and checked before any work.
 
-    save_dir (an explicit flag) wins; else the directory of the --resume checkpoint when it is a run
-    directory of this project; else runs/<paper>/<name>. A directory that holds another run is refused
-    unless this is a resume or `overwrite` (the explicit --overwrite flag).
+    save_dir (an explicit flag) wins, then an explicit name (runs/<paper>/<name>: a resumed run continued in
+    a new directory), then the directory of the --resume checkpoint when it is a run directory of this
+    project, else a new runs/<paper>/<name parts + time>. A directory that holds a run is refused unless it
+    is the one the --resume checkpoint belongs to or `overwrite` (the explicit --overwrite flag) is given.
     """
     resume_dir = os.path.dirname(os.path.realpath(resume)) if resume else None   # links: the run's own dir
     if save_dir:
         d = save_dir
-    elif resume_dir and os.path.exists(os.path.join(resume_dir, "manifest.json")) and os.access(resume_dir, os.W_OK):
+    elif resume_dir and not name and os.path.exists(os.path.join(resume_dir, "manifest.json")) \
+            and os.access(resume_dir, os.W_OK):
         d = resume_dir
     elif name:
         d = os.path.join(runs_root(), paper, name)
@@ -76,7 +78,10 @@ def plan_run_dir(paper, name_parts=(), name=None, save_dir=None, resume=None, ov
             d = f"{base}-{k}"
         flag = "QUANTLAB_RUNS"
     check_writable_dir(d, flag)
-    if holds_run(d) and not resume and not overwrite:
+    if holds_run(d) and not overwrite and not (resume and os.path.realpath(d) == resume_dir):
+        if resume:
+            raise UserError(f"{d} already holds another run than the one {resume} belongs to; continue into a "
+                            f"new {flag if flag != 'QUANTLAB_RUNS' else '--name'} or pass --overwrite to replace it")
         raise UserError(f"{d} already holds a run; pass --resume <its checkpoint> to continue it, --overwrite "
                         f"to replace it, or another {'--name' if flag == 'QUANTLAB_RUNS' else flag}")
     return d

@@ -255,6 +255,15 @@ def test_runs_never_overwrite_each_other(tmp_path):
     assert "shortened: epochs 1 of 300; train images 20 of 50000" in rec[0]["recipe"]["summary"]
     man = json.load(open(run_b / "manifest.json"))
     assert man["seed"] == 1 and man["recipe"]["full"] is False
+    # --resume with --name continues the run in that new directory and leaves the old one alone; it never
+    # writes into a third run's directory
+    before = {f: os.path.getmtime(run_a / f) for f in os.listdir(run_a) if os.path.isfile(run_a / f)}
+    with pytest.raises(UserError, match="already holds another run than the one .*a/checkpoint.pth.tar belongs to"):
+        m.main(base + ["--resume", str(run_a / "checkpoint.pth.tar"), "--name", "b", "--epochs", "2"])
+    m.main(base + ["--resume", str(run_a / "checkpoint.pth.tar"), "--name", "c", "--epochs", "2"])
+    run_c = tmp_path / "runs" / "apot" / "c"
+    assert (run_c / "checkpoint.pth.tar").exists() and (run_c / "manifest.json").exists()
+    assert before == {f: os.path.getmtime(run_a / f) for f in before}
 
 
 def test_checkpoint_mode_respects_umask(tmp_path):
