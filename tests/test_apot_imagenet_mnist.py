@@ -427,6 +427,9 @@ def test_imagenet_end_to_end_progressive_and_resume(tiny_imagenet, monkeypatch, 
     assert "Epoch: [1][0/1]" in out and "Epoch: [0]" not in out
     assert torch.load(root / "checkpoint" / "res18_4checkpoint.pth.tar", weights_only=True)["epoch"] == 2
     (run4,) = glob.glob(os.path.join(os.environ["QUANTLAB_RUNS"], "apot", "imagenet-res18_4-*"))
+    # the checkpoint says which run wrote it (as CIFAR-10's and MNIST's do)
+    assert torch.load(root / "checkpoint" / "res18_4checkpoint.pth.tar", weights_only=True)["quantlab"]["run_dir"] \
+        == os.path.abspath(run4)
     tags = _tb_tags(os.path.join(run4, "tb"))
     assert {"loss_train", "acc1_train", "acc5_train", "lr", "loss_val", "acc1_val", "acc5_val"} <= tags
     # -e on the produced checkpoint writes an imagenet record

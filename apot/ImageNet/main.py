@@ -192,7 +192,8 @@ def main():
                                           "train images": (len(train_loader.dataset), 1281167)}),
                              *([init_recipe] if init_recipe or args.pretrained else []))
     qident = identity("apot", args.arch, bits=args.bit, scheme=engine.scheme(args.bit, power), stage="train",
-                      recipe=recipe, init_recipe=init_recipe)
+                      recipe=recipe, init_recipe=init_recipe,
+                      **({"run_dir": os.path.abspath(fdir)} if fdir else {}))  # fdir: the writing process's
     log = runs.start_run("apot", fdir, args, seed=seed, device=device, recipe=recipe, overwrite=args.overwrite).log \
         if main_process else QuietLog()
     eta = runs.ETA(args.epochs, start_epoch, len(train_loader), say=log.info)
