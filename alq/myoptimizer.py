@@ -67,8 +67,10 @@ class ALQ_optimizer(Optimizer):
         super().load_state_dict(state_dict)
 
     @staticmethod
-    def _amsgrad(state, suffix, grad, group):
-        """Update (m, v, vmax, t) named with `suffix`; return (pseudo_grad, pseudo_hessian)."""
+    def _amsgrad(state, suffix, grad, group, out=None):
+        """Update (m, v, vmax, t) named with `suffix`; return (pseudo_grad, pseudo_hessian), written into the
+        tensors `out` when given (scratch kept between steps: the same values, no fresh memory), or None when
+        out is False (the statistics alone move on)."""
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg" + suffix], state["exp_avg_sq" + suffix]
         max_exp_avg_sq = state["max_exp_avg_sq" + suffix]
@@ -76,12 +78,22 @@ class ALQ_optimizer(Optimizer):
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         torch.max(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        denom = max_exp_avg_sq.sqrt().add_(group["eps"])
+        if out is False:
+            return None
+        pg_out, ph_out = out or (None, None)
+        denom = torch.sqrt(max_exp_avg_sq, out=ph_out).add_(group["eps"])
         bias_correction1 = 1 - beta1 ** state["step" + suffix]
         bias_correction2 = 1 - beta2 ** state["step" + suffix]
-        pseudo_grad = (group["lr"] / bias_correction1) * exp_avg
-        pseudo_hessian = denom.div(math.sqrt(bias_correction2))
+        pseudo_grad = torch.mul(exp_avg, group["lr"] / bias_correction1, out=pg_out)
+        pseudo_hessian = denom.div_(math.sqrt(bias_correction2))
         return pseudo_grad, pseudo_hessian
+
+    def _scratch(self, p):
+        """Two tensors shaped like p for its pseudo-gradient and pseudo-Hessian, used within one step."""
+        bufs = self.__dict__.setdefault("_scratch_bufs", {})
+        if p not in bufs or bufs[p][0].shape != p.shape or bufs[p][0].device != p.device:
+            bufs[p] = (torch.empty_like(p), torch.empty_like(p))
+        return bufs[p]
 
     @staticmethod
     def _copy_to_param(p, w):
@@ -113,7 +125,7 @@ class ALQ_optimizer(Optimizer):
                 if mode == "coordinate":
                     self._alpha_state(p)  # before the w-domain statistics move on
                     grad_alpha = p_bin.construct_grad_alpha(grad)
-                    self._amsgrad(state, "", grad, group)  # the w-domain statistics keep running
+                    self._amsgrad(state, "", grad, group, out=False)  # the w-domain statistics keep running
                     if group["weight_decay"] != 0:  # L2 on the coordinates, the only place wd acts
                         grad_alpha = grad_alpha.add(p_bin.alpha, alpha=group["weight_decay"])
                     pg_alpha, ph_alpha = self._amsgrad(state, "_alpha", grad_alpha, group)
@@ -131,7 +143,7 @@ class ALQ_optimizer(Optimizer):
                         self._copy_to_param(p, p_bin.w_FP)
 
                 else:  # 'basis' or 'ste'
-                    pg, ph = self._amsgrad(state, "", grad, group)
+                    pg, ph = self._amsgrad(state, "", grad, group, out=self._scratch(p))
                     if reference_mode():  # the straightforward form; basis_step gives the same tensors
                         p_bin.optimize_bin_basis(pg, ph)
                         p_bin.speedup(pg, ph)
