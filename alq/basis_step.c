@@ -23,6 +23,16 @@
 
 #define MAX_C 256
 
+/* AVX-512 and AVX2 versions of the vectorised loops, chosen at load time (x86-64 Linux, GCC or clang) */
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
+
 /* torch.argmin(|t - v|): the lowest code with the smallest distance; a NaN distance counts as the smallest */
 static uint8_t dense_code(float t, const float *v, int C)
 {
@@ -44,8 +54,8 @@ static uint8_t dense_code(float t, const float *v, int C)
 
 /* U[0..C-1] = v sorted ascending, equal values in ascending code order, sc[q] = the code at position q (a stable sort
  * of finite values): the position of v[c] is the number of values below it plus the number of equal values with a
- * lower code; C^2 compares, vectorised over c (AVX-512 and AVX2 clones, picked at load time by the CPU). */
-__attribute__((target_clones("avx512f", "avx2", "default")))
+ * lower code; C^2 compares, vectorised over c. */
+VECTOR_CLONES
 static void sort_values(const float *v, int C, float *U, uint8_t *sc)
 {
     int32_t rank[MAX_C];
@@ -65,8 +75,8 @@ static void sort_values(const float *v, int C, float *U, uint8_t *sc)
 #define BLOCK 32
 
 /* cnt[k] = #{q < C : U[q] < x[k]} for k < m: C compares per target, but vectorised across the targets of a block
- * (a binary search is a chain of unpredictable dependent loads); AVX-512 and AVX2 clones, picked at load time by the CPU */
-__attribute__((target_clones("avx512f", "avx2", "default")))
+ * (a binary search is a chain of unpredictable dependent loads) */
+VECTOR_CLONES
 static void count_below(const float *U, int C, const float *x, int m, int32_t *cnt)
 {
     float xb[BLOCK];
