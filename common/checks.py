@@ -10,6 +10,7 @@ is read or any model is built.
 """
 import math
 import os
+import tempfile
 
 from common.errors import UserError
 
@@ -64,6 +65,12 @@ def check_writable_dir(path, flag):
         raise UserError(f"{flag} {path} cannot be created: {base} is a file; pass another {flag}")
     if not os.access(base, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path} is not writable (no write permission on {base}); pass another {flag}")
+    try:  # permissions do not tell everything (root passes os.access; /proc, read-only mounts): try a file
+        fd, probe = tempfile.mkstemp(prefix=".quantlab-write-check-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({e.strerror} in {base}); pass another {flag}") from None
     return path
 
 

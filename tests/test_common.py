@@ -250,3 +250,14 @@ def test_record_appends_json_lines(tmp_path):
     assert recs[1]["setting"] == "W3A3" and recs[1]["value"] == 90.0
     assert os.path.exists(os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl"))
     assert REPO not in os.environ["RESULTS_DIR"]
+
+
+def test_writable_dir_check_tries_a_file(tmp_path):
+    """Permission bits are not enough (root passes os.access everywhere): a directory where no file can be made is
+    refused with one line before any work, and the check leaves nothing behind."""
+    from common.checks import check_writable_dir
+    assert check_writable_dir(tmp_path / "new" / "run", "--save-dir") == str(tmp_path / "new" / "run")
+    assert list(tmp_path.iterdir()) == []
+    if os.path.isdir("/proc/self"):  # a pseudo file system: os.access may say yes (as root), creating a file fails
+        with pytest.raises(UserError, match=r"--save-dir /proc/self/quantlab-run is not writable \("):
+            check_writable_dir("/proc/self/quantlab-run", "--save-dir")
