@@ -45,6 +45,8 @@ LATEST, BEST = 'latest.pth.tar', 'model_best.pth.tar'
 FULL_EPOCHS = 300
 NORMALIZE = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])   # the original's (ImageNet)
 RUN_KEYS = ('arch', 'quantize', 'wgt_target', 'act_target', 'layerwise', 'duration', 'keep_fc_bias', 'option_a')
+# the flags that shape the optimisation: --continue repeats them (checked where the checkpoint stores them)
+SCHEDULE_KEYS = ('epochs', 'batch_size', 'lr', 'momentum', 'weight_decay', 'max_iters')
 
 
 class Parser(argparse.ArgumentParser):
@@ -472,10 +474,12 @@ def check_continue(args, path):
         raise UserError(f"--continue {path} is not a DAMBQ run checkpoint written by this main_cifar10.py")
     run = ckpt.get('run', {})
     diff = [k for k in RUN_KEYS if run.get(k) != getattr(args, k)]
+    diff += [k for k in SCHEDULE_KEYS if k in run and run[k] != getattr(args, k)]  # older checkpoints: not stored
     if diff:
         k = diff[0]
         raise UserError(f"--continue {path} was written with {k}={run.get(k)!r} but this run has {k}="
-                        f"{getattr(args, k)!r}; continue with the run's original flags")
+                        f"{getattr(args, k)!r}; --continue repeats the run exactly: continue with the run's original "
+                        f"flags, or start a new run from its weights with --resume")
     check_checkpoint(ckpt, path, wanted(args), flag='--continue', suggest=lambda i: flags_for(i, '--continue'))
     return ckpt
 
@@ -568,7 +572,7 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
     def state_at(epoch, errors=False, **extra):
         return training_state(model, optimizer, scheduler, epoch=epoch, best=best_prec1, best_prec1=best_prec1,
                               best_epoch=best_epoch, history=history, paper='dambq', setting=setting_of(args),
-                              run={k: getattr(args, k) for k in RUN_KEYS}, recipe=recipe, seed=seed,
+                              run={k: getattr(args, k) for k in RUN_KEYS + SCHEDULE_KEYS}, recipe=recipe, seed=seed,
                               tuner=tuner.state(errors) if tuner is not None else None,
                               quantlab=identity_of(args, recipe, epoch, tuner), **extra)
 

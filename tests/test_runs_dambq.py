@@ -231,6 +231,9 @@ def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_pat
     assert 'unfinished run (checkpoint after epoch 0 of 2)' in records()[-1]['recipe']['summary']
 
     monkeypatch.setattr(dm, 'progress', real_progress)
+    for flag, value, key in (('--lr', '0.1', 'lr'), ('--epochs', '3', 'epochs'), ('-b', '4', 'batch_size')):
+        with pytest.raises(UserError, match=f"was written with {key}=.* repeats the run exactly"):
+            dm.main(w2 + ['--name', 'cut', '--continue', flag, value])           # a later flag wins in argparse
     dm.main(w2 + ['--name', 'cut', '--continue'])
     out = capsys.readouterr().out
     assert 'continue' in out and 'at epoch 0 batch 2' in out and 'Epoch: [0][0/3]' not in out
