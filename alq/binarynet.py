@@ -255,8 +255,7 @@ _NATIVE = {}  # the compiled basis-step library, loaded once per process: {"lib"
 
 
 def _native_lib():
-    """alq/basis_step.c through ctypes, or None where there is no C compiler
-    (`$CC`, default cc) or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
+    """alq/basis_step.c through ctypes, or None where there is no C compiler (`$CC`, default cc) or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
     atomically, so concurrent runs share one build. Without it the eager torch code does the same work.
     QUANTLAB_ALQ_NATIVE=0 turns it off (checked by the callers, at every call)."""
     if "lib" in _NATIVE:
@@ -291,8 +290,7 @@ def _native_lib():
         print(f"note: ALQ's compiled basis step is not available ({why}); the same computation runs in torch, "
               f"slower", file=sys.stderr)
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    i32 = ctypes.c_int32
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     for name, args in (("alq_nearest_code", [p, p, i64, i64, i32, p]),
                        ("alq_basis_search", [p, p, p, p, i64, i64, i32, p, p]),
                        ("alq_fill_bases", [p, p, p, p, p, i64, i64, i32, p, p, p, p]),
