@@ -255,9 +255,10 @@ _NATIVE = {}  # the compiled basis-step library, loaded once per process: {"lib"
 
 
 def _native_lib():
-    """alq/basis_step.c through ctypes, or None where there is no C compiler (`$CC`, default cc) or it fails. Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab),
-    atomically, so concurrent runs share one build. Without it the eager torch code does the same work.
-    QUANTLAB_ALQ_NATIVE=0 turns it off (checked by the callers, at every call)."""
+    """alq/basis_step.c through ctypes, or None where there is no C compiler (`$CC`, default cc) or it fails.
+    Built once per source text into $QUANTLAB_CACHE (default ~/.cache/quantlab), atomically, so concurrent runs
+    share one build. Without it the eager torch code does the same work. QUANTLAB_ALQ_NATIVE=0 turns it off
+    (checked by the callers, at every call)."""
     if "lib" in _NATIVE:
         return _NATIVE["lib"]
     _NATIVE["lib"] = None
