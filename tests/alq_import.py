@@ -20,3 +20,20 @@ def load():
             sys.modules.pop(n, None)
         sys.modules.update(saved)
     return type("ALQ", (), mods)
+
+
+def lenet5_with_holes(A, seed, mask_seed, keep, random_alpha=False):
+    """A LeNet5 and its ALQ layers (the script's default structures) with about `keep` of the mask slots left, as
+    after pruning; random_alpha: arbitrary (also negative) coordinates, as after training. Seeded."""
+    import torch
+    torch.manual_seed(seed)
+    net = A.lenet5.LeNet5()
+    d = A.lenet5.DEFAULTS
+    _, _, layers = A.train.initialize(net, d["structure"], d["subc"], d["max_bit"])
+    g = torch.Generator().manual_seed(mask_seed)
+    for layer in layers:
+        layer.mask &= torch.rand(layer.mask.shape, generator=g) < keep
+        layer.B = layer.B * layer.mask.to(torch.int8)
+        if random_alpha:
+            layer.alpha = torch.randn(layer.alpha.shape, generator=g) * layer.mask
+    return net, layers

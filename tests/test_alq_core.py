@@ -378,15 +378,8 @@ def test_average_bitwidth_on_hand_built_lenet():
 
 
 def test_export_round_trip_is_bit_exact_and_size_matches(tmp_path):
-    torch.manual_seed(7)
-    net = A.lenet5.LeNet5()
-    _, _, layers = train.initialize(net, ["kernelwise", "kernelwise", "subchannelwise", "subchannelwise"],
-                                    [0, 0, 2, 1], [6, 6, 6, 6])
-    g = torch.Generator().manual_seed(0)
-    for l in layers:  # holes in the masks, negative and arbitrary coordinates as after training
-        l.mask &= torch.rand(l.mask.shape, generator=g) < 0.3
-        l.B = l.B * l.mask.to(torch.int8)
-        l.alpha = torch.randn(l.alpha.shape, generator=g) * l.mask
+    # holes in the masks, negative and arbitrary coordinates as after training
+    net, layers = alq_import.lenet5_with_holes(A, seed=7, mask_seed=0, keep=0.3, random_alpha=True)
     with torch.no_grad():
         for (_, p), l in zip([(n, p) for n, p in net.named_parameters() if p.dim() > 1], layers):
             p.copy_(l.reconstruct_w())

@@ -58,14 +58,7 @@ def test_storage_of_hand_built_layers_is_exact():
 
 
 def test_storage_is_what_the_packed_file_spends_on_bases_and_coordinates(tmp_path):
-    torch.manual_seed(3)
-    net = A.lenet5.LeNet5()
-    _, _, layers = train.initialize(net, ["kernelwise", "kernelwise", "subchannelwise", "subchannelwise"],
-                                    [0, 0, 2, 1], [6, 6, 6, 6])
-    g = torch.Generator().manual_seed(1)
-    for l in layers:  # holes in the masks, as after pruning
-        l.mask &= torch.rand(l.mask.shape, generator=g) < 0.2
-        l.B = l.B * l.mask.to(torch.int8)
+    net, layers = alq_import.lenet5_with_holes(A, seed=3, mask_seed=1, keep=0.2)  # holes, as after pruning
     path = str(tmp_path / "m.alqpack")
     size = pack.export_packed(path, "lenet5", net, layers)
     with open(path, "rb") as f:
