@@ -625,9 +625,10 @@ class BinaryLayer:
 
     def basis_step(self, pseudo_grad, pseudo_hessian, ste=False):
         """One basis step fused: `optimize_bin_basis`, `speedup`, then w_FP <- reconstruction (ste: w_FP -= pg/ph,
-        the shadow step). Same tensors bit for bit as those calls (tests/test_alq_speed.py), faster: the code
-        search of `_nearest_code_fast`, B written from the codes with integer ops, the reconstruction read from
-        the codes. Returns the weight for the network (the reconstruction)."""
+        the shadow step). Same tensors bit for bit as those calls (tests/test_alq_speed.py), faster: on the CPU
+        the targets, codes, bases, reconstruction and shadow step in compiled code (alq/basis_step.c), elsewhere
+        the search of `_nearest_code_fast`, B written from the codes with integer ops and the reconstruction read
+        from the codes. Returns the weight for the network (the reconstruction)."""
         d0, d1, n = self.group_shape
         M = self.max_bit
         values = representable_values(self.alpha, self.bit_table).reshape(d0 * d1, -1)
@@ -643,14 +644,13 @@ class BinaryLayer:
             target = self.to_groups(self.w_FP - pseudo_grad / pseudo_hessian)
             code = _nearest_code_fast(target.reshape(d0 * d1, n), values)
         code = code.view(d0, d1, 1, n)
+        # B (and, compiled, its float form, B * ph and -ph * w_FP + pg in the same pass)
         filled = self._fill_native(code, grouped) if grouped is not None else None
-        if filled is not None:
-            pass  # B, its float form, B * ph and -ph * w_FP + pg written in one compiled pass
-        elif M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots (int8 throughout)
+        if filled is None and M <= 8:  # B_j = +1 where bit j of the code is set, -1 where not, 0 in masked slots
             m8 = self.mask.to(torch.int8)
             shifts = torch.arange(M, dtype=torch.int8, device=code.device).view(M, 1)
             self.B = (code.view(torch.int8) >> shifts).bitwise_and_(1).mul_(m8 * 2).sub_(m8)
-        else:
+        elif filled is None:
             self.B = self.bit_table[code.squeeze(2).long()].transpose(2, 3).contiguous() * self.mask.to(torch.int8)
         neg, flip = self._least_squares(pseudo_grad, pseudo_hessian, filled=filled)
         code = code.view(d0, d1, n)
