@@ -91,7 +91,6 @@ static void count_below(const float *U, int C, const float *x, int m, int32_t *c
     }
 }
 
-/* t: (G, n), values: (G, C), out: (G, n) codes; C a power of two <= 256; all contiguous float32 / uint8 */
 /* the codes o[0..n-1] of the targets tg[0..n-1] of one group with values v[0..C-1] */
 static void search_group(const float *tg, int64_t n, const float *v, int C, uint8_t *o)
 {
