@@ -289,7 +289,6 @@ class ShardSampler(Sampler):
         return iter(self.dist.share(order, self.shuffle).tolist())
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # One pass over a loader
 

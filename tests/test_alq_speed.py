@@ -6,9 +6,12 @@ mode, and a seeded shortened LeNet5 pipeline.
 Exact equality is legitimate here: both paths run in this process on this machine, perform the same float
 operations in the same order (the reductions, matmuls and inverses are the very same calls) and differ only in
 how they select codes and gather values, which is integer work with a single correct answer."""
+import functools
 import os
 import random
 import shutil
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -83,8 +86,20 @@ def test_fast_search_equals_dense_and_sorted(M):
         assert torch.equal(bn.nearest_code(target, alpha, table), dense), (M, case)
 
 
+@functools.lru_cache(maxsize=None)
 def _have_cc():
-    return shutil.which(os.environ.get("CC", "cc")) is not None
+    """Whether this machine can build a shared C library using math.h and stdint.h (a compiler with the C headers):
+    then alq/basis_step.c must build too, and the compiled-path tests run; otherwise the eager path is all there is."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <math.h>\n#include <stdint.h>\nint64_t probe(float x) { return (int64_t)fabsf(x); }\n")
+        r = subprocess.run([cc, "-O2", "-fPIC", "-shared", src, "-o", os.path.join(d, "probe.so"), "-lm"],
+                           capture_output=True)
+        return r.returncode == 0
 
 
 @pytest.mark.skipif(not _have_cc(), reason="no C compiler: the eager search runs instead (tested above)")
