@@ -171,5 +171,33 @@ def validate(loader, model, criterion, device, distributed=False, desc="val"):
     return round(c1) * 100.0 / n, round(c5) * 100.0 / n, loss / n, int(n)
 
 
+def epoch_history(ckpt):
+    """The per-epoch evaluations a checkpoint carries ([] for checkpoints written before they were kept)."""
+    hist = ckpt.get("history") if isinstance(ckpt, dict) else None
+    if not isinstance(hist, list):
+        return []
+    return [dict(h) for h in hist if isinstance(h, dict) and {"epoch", "train", "test"} <= set(h)]
+
+
+def mnist_protocols(history, epochs):
+    """The two results of an MNIST run, from its per-epoch top-1 on both splits:
+    (split, value, extra) for the published protocol (the original's: the best epoch on the TRAINING split,
+    the number its README reports) and for the test split at the last epoch (nothing chosen on it)."""
+    if not history:
+        return []
+    best = max(history, key=lambda h: (h["train"], -h["epoch"]))        # the first epoch reaching the maximum
+    last = history[-1]
+    common = {"epochs": epochs, "epochs_evaluated": len(history),
+              "curve": {"train": [h["train"] for h in history], "test": [h["test"] for h in history]}}
+    return [
+        ("train", best["train"], {**common, "protocol": "published",
+                                  "selection": "best epoch on the training split (the original's protocol)",
+                                  "best_epoch": best["epoch"], "test_at_best_epoch": best["test"]}),
+        ("test", last["test"], {**common, "protocol": "test split, last epoch",
+                                "selection": "last epoch (no choice made on the test split)",
+                                "epoch": last["epoch"], "best_test": max(h["test"] for h in history)}),
+    ]
+
+
 def show_params(model):
     (model.module if hasattr(model, "module") else model).show_params()

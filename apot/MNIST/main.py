@@ -6,8 +6,11 @@
 
 Trains from scratch at the target bit-width; each run writes runs/apot/mnist-<arch>_<bit>bit[_uniform]-<time>/
 (or runs/apot/<--name>/), and result/<arch>_<bit>bit[_uniform] links to the latest finished run.
-The original validated on the TRAINING split; here validation uses the test split unless
---val-split train (see apot/DEVIATIONS.md).
+The original validated on the TRAINING split and its README reports the best epoch there. Every epoch here
+is evaluated on both splits, and a finished run records both protocols: the published one (best epoch on
+the training split) and the test split's accuracy at the last epoch (no choice made on the test split).
+--val-split picks the split that chooses model_best.pth.tar and that -e evaluates (default test; see
+apot/DEVIATIONS.md).
 """
 import argparse
 import os
@@ -25,7 +28,7 @@ from common import interrupt, runs
 from common.checks import check_sgd_flags, check_results_writable
 from common.checkpoint import load_checkpoint, save_checkpoint, training_state
 from common.devdata import DeviceLoader
-from common.device import seed_everything
+from common.device import get_rng_state, seed_everything
 from common.errors import UserError, cli
 from common.identity import identity
 from common.results import combine_recipes, recipe_info, record
@@ -38,7 +41,8 @@ parser.add_argument("--loader", default="device", choices=("device", "torchvisio
                     help="device: uint8 MNIST on the training device, flipped and normalised per batch there "
                          "(common/devdata.py, same distribution); torchvision: the per-image DataLoader pipeline")
 parser.add_argument("--compile", action="store_true", help="train and validate through torch.compile(model)")
-parser.add_argument("--epochs", default=50, type=int, metavar="N", help="number of total epochs to run")
+parser.add_argument("--epochs", default=50, type=int, metavar="N",
+                    help="number of total epochs to run (default: 50, the original's; its README's recipe: 25)")
 parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number")
 parser.add_argument("-b", "--batch-size", default=128, type=int, metavar="N", help="mini-batch size (default: 128)")
 parser.add_argument("--bit", default=5, type=int, help="the bit-width of the quantized network (32: full precision)")
@@ -59,9 +63,13 @@ parser.add_argument("--power", default=1, type=int, choices=(0, 1),
 parser.add_argument("--gpu", default=None, type=int, help="GPU id to use")
 parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
 parser.add_argument("--val-split", default="test", choices=("test", "train"),
-                    help="split for -e and per-epoch validation; the original used 'train' (default: test)")
+                    help="split for -e and for choosing model_best (both are evaluated every epoch); the original "
+                         "used 'train' (default: test)")
 parser.add_argument("--name", default="", help="run name under runs/apot/ (default: flags + time stamp)")
 parser.add_argument("--overwrite", action="store_true", help="replace the run already named --name")
+
+
+README_EPOCHS = 25          # the MNIST README's recipe (batch 128, lr 0.01, wd 1e-4, 25 epochs)
 
 
 def check_args(args):
@@ -87,14 +95,17 @@ def main():
     seed_everything(seed, deterministic=args.seed is not None)
 
     normalize = transforms.Normalize(mean=[0.131], std=[0.308])
-    # CenterCrop(28)/RandomCrop(28) of the original are no-ops on 28x28 MNIST; the horizontal flip is kept
-    val_set = cdata.mnist(args.data, train=args.val_split == "train",
-                          transform=transforms.Compose([transforms.ToTensor(), normalize]))
-    if args.loader == "device":
-        val_loader = DeviceLoader(val_set, args.batch_size, device, [0.131], [0.308])
-    else:
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
-                                                 num_workers=args.workers)
+
+    def eval_loader(split):
+        # CenterCrop(28)/RandomCrop(28) of the original are no-ops on 28x28 MNIST; the horizontal flip is kept
+        ds = cdata.mnist(args.data, train=split == "train",
+                         transform=transforms.Compose([transforms.ToTensor(), normalize]))
+        if args.loader == "device":
+            return ds, DeviceLoader(ds, args.batch_size, device, [0.131], [0.308])
+        return ds, torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
+                                               num_workers=args.workers)
+
+    val_set, val_loader = eval_loader(args.val_split)
     print(f"=> creating model '{args.arch}' (bit {args.bit}, {'APoT' if power else 'uniform'})")
     model = models.__dict__[args.arch](bit=args.bit, power=power)
     init_recipe = (ident or {}).get("init_recipe")
@@ -112,10 +123,12 @@ def main():
     optimizer, scheduler = engine.make_optimizer(model, args)
     print("Total params: %.2fM" % (sum(p.numel() for p in model.parameters()) / 1e+6))
 
-    best_acc1, start_epoch, skip = 0.0, args.start_epoch, 0
+    best_acc1, start_epoch, skip, history, prior_wall = 0.0, args.start_epoch, 0, [], 0.0
     if args.resume:
         start_epoch, best_acc1 = engine.resume(ckpt, model, optimizer, scheduler, args, power)
         skip = int(ckpt.get("batch", 0)) if not args.evaluate else 0
+        history = engine.epoch_history(ckpt)
+        prior_wall = float(ckpt.get("wall_s", 0.0))
         print(f"=> loaded checkpoint '{args.resume}' (epoch {int(ckpt.get('epoch', 0))})")
 
     setting = engine.setting_name(args.bit, power)
@@ -141,7 +154,7 @@ def main():
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                                                    num_workers=args.workers)
     fwd = torch.compile(model) if args.compile else model      # checkpoints keep the model's own keys
-    recipe = combine_recipes(recipe_info({"epochs": (args.epochs, parser.get_default("epochs")),
+    recipe = combine_recipes(recipe_info({"epochs": (args.epochs, README_EPOCHS),
                                           "train images": (len(train_set), 60000)}),
                              *([init_recipe] if init_recipe or args.pretrained else []))
     qident = identity("apot", args.arch, bits=args.bit, scheme=engine.scheme(args.bit, power), stage="train",
@@ -150,42 +163,56 @@ def main():
                          overwrite=args.overwrite).log
     eta = runs.ETA(args.epochs, start_epoch, len(train_loader), say=log.info)
 
+    other = "train" if args.val_split == "test" else "test"
+    eval_loaders = {args.val_split: val_loader, other: eval_loader(other)[1]}
+
     def state_at(epoch, **extra):
         return training_state(model, optimizer, scheduler, epoch, best_acc1, arch=args.arch, bit=args.bit,
-                              power=power, best_acc1=best_acc1, val_split=args.val_split, quantlab=qident, **extra)
+                              power=power, best_acc1=best_acc1, val_split=args.val_split, quantlab=qident,
+                              history=history, wall_s=prior_wall + time.time() - t_run, **extra)
 
     def on_interrupt(i, step):                    # SIGINT/SIGTERM: save at this batch, atomically, then stop
-        state = state_at(epoch, batch=i + 1, interrupted=True)
+        # the RNG as the epoch began: a resume draws the same order and flips and skips the batches done
+        state = state_at(epoch, batch=i + 1, interrupted=True, rng=epoch_rng)
         interrupt.save_and_stop(os.path.join(fdir, "checkpoint.pth"), state, log, f"epoch {epoch} batch {i + 1}")
 
     step = start_epoch * len(train_loader) + skip
+    t_run = time.time()
     with interrupt.armed():
         for epoch in range(start_epoch, args.epochs):
+            epoch_rng = get_rng_state()
             if epoch % 5 == 1:
                 model.show_params()
             _, _, step = engine.train(train_loader, fwd, criterion, optimizer, epoch, args, log, device, step,
                                       skip=skip if epoch == start_epoch else 0, eta=eta,
                                       on_interrupt=on_interrupt)
-            acc1, acc5, loss, n = engine.validate(val_loader, fwd, criterion, device, desc=args.val_split)
+            evals = {split: engine.validate(eval_loaders[split], fwd, criterion, device, desc=split)
+                     for split in ("train", "test")}
+            acc1, acc5, loss, n = evals[args.val_split]
             scheduler.step()
             log.scalar("loss_val", loss, step)
             log.scalar("acc1_val", acc1, step)
             log.scalar("acc5_val", acc5, step)
+            for split, (a1, _, ls, _) in evals.items():
+                log.scalar(f"acc1_{split}_split", a1, step)
+                log.scalar(f"loss_{split}_split", ls, step)
             log.flush()
+            history.append({"epoch": epoch, "train": evals["train"][0], "test": evals["test"][0]})
             # the first epoch of a run always writes model_best (an epoch at 0 % must not leave it missing)
             is_best = acc1 > best_acc1 or not os.path.exists(os.path.join(fdir, "model_best.pth.tar"))
             best_acc1 = max(acc1, best_acc1)
-            log.info(f" * Epoch {epoch} Acc@1 {acc1:.2f} ({args.val_split}) best_acc:{best_acc1:.2f}; "
-                     f"{eta.line(epoch + 1)}")
+            log.info(f" * Epoch {epoch} Acc@1 {evals['train'][0]:.2f} (train split) {evals['test'][0]:.2f} "
+                     f"(test split); best on {args.val_split}: {best_acc1:.2f}; {eta.line(epoch + 1)}")
             state = state_at(epoch + 1)
             save_checkpoint(state, os.path.join(fdir, "checkpoint.pth"))
             if is_best:
                 save_checkpoint(state, os.path.join(fdir, "model_best.pth.tar"))
     if args.epochs > start_epoch:
-        record("apot", model=args.arch, dataset="mnist", split=args.val_split, setting=setting, metric="top1",
-               value=best_acc1, n_samples=len(val_set),
-               extra={"selection": "best epoch on the validation split", "epochs": args.epochs}, recipe=recipe,
-               seed=seed)
+        sizes = {"train": len(train_set), "test": len(eval_loaders["test"].dataset)}
+        for split, value, extra in engine.mnist_protocols(history, args.epochs):
+            record("apot", model=args.arch, dataset="mnist", split=split, setting=setting, metric="top1",
+                   value=value, n_samples=sizes[split], extra=extra, recipe=recipe, seed=seed,
+                   wall_s=prior_wall + time.time() - t_run)
     runs.link_latest(fdir, os.path.join("result", tag), say=log.info)
     runs.end_run()
 
