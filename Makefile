@@ -12,7 +12,7 @@ export DATA EPOCHS
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
+.PHONY: help setup test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ TEST_JOBS ?= 2
 test: setup ## run the test suite in TEST_JOBS processes (the README's test command; CI runs it)
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_JOBS)
 
+test-originals: setup ## side by side with the authors' code, bitwise (QUANTLAB_ORIGINALS=DIR; tests/originals/README.md)
+	@if [ -z "$${QUANTLAB_ORIGINALS:-}" ]; then echo "test-originals: skipped: set QUANTLAB_ORIGINALS to a folder of the five original checkouts (tests/originals/README.md)"; \
+	else $(TEST_ENV) $(PY) -m pytest -q -rs -n $(TEST_JOBS) tests/originals $(PYTEST_ARGS); fi
+
 # On a GPU machine without this venv (the device has torch/torchvision/pytest): `make test-gpu PY=python3`.
 test-gpu: ## the suite plus the `gpu` tests (short real runs of each paper's script on CUDA); QUANT_SHARED= data
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -46,7 +50,7 @@ bench: setup ## run benchmarks/ and write CSV rows under results/bench/
 compare: setup ## published vs measured (reference + local records); RESULTS.md + charts (COMPARE_FLAGS=--include-shortened)
 	$(PY) -m common.compare $(COMPARE_FLAGS)
 
-reproduce-apot: setup ## APoT: CIFAR-10 ResNet-20 32/4/3/2-bit recipe (EPOCHS=), published checkpoints, compare
+reproduce-apot: setup ## APoT: published checkpoints, MNIST README recipe (SEEDS=, ARCH=), CIFAR-10 ResNet-20 32/4/3/2-bit (EPOCHS=), compare
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash apot/reproduce.sh
 
 reproduce-alq: setup ## ALQ: LeNet5 --PRETRAIN --ALQ --POSTTRAIN on MNIST (DATA=), export, compare

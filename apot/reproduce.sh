@@ -3,9 +3,13 @@
 #   1. evaluate the authors' published checkpoints (CKPT, default ../shared/checkpoints/apot, if present):
 #      CIFAR-10 ResNet-20 32/4/3/2-bit on the CIFAR-10 test images under DATA, MNIST ResNet-10 2-5-bit
 #      APoT and uniform on MNIST;
-#   2. train the CIFAR-10 ResNet-20 progressive recipe 32 -> 4 -> 3 -> 2 bits (CIFAR10/train_res20.sh,
+#   2. train the MNIST README's recipe for every published row (MNIST/train_mnist.sh: ResNet-10/18, 2-5 bit,
+#      APoT and uniform, 25 epochs, one run per seed; SEEDS= (default "1 2 3"), ARCH= (default "resnet10
+#      resnet18"), BITS=, POWERS=, JOBS= runs at a time; EPOCHS= shortens it, recorded as shortened).
+#      Finished runs are skipped and interrupted ones resumed, so rerunning continues; SKIP_MNIST=1 skips it;
+#   3. train the CIFAR-10 ResNet-20 progressive recipe 32 -> 4 -> 3 -> 2 bits (CIFAR10/train_res20.sh,
 #      EPOCHS per stage, default 300 as published), whose results are recorded last so `compare` shows them;
-#   3. print published vs measured (python -m common.compare apot).
+#   4. print published vs measured (python -m common.compare apot).
 # Environment: EPOCHS, DATA (default ../shared/data if present, else ./data), CKPT (the published checkpoints,
 # see apot/README.md), OUT (training output, default runs/apot/reproduce-res20-<time>/ holding one run directory
 # per stage), PYTHON, RESUME=1 (continue the newest reproduction's interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1,
@@ -16,6 +20,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
 if [ -n "${APOT_THREADS:-}" ]; then export OMP_NUM_THREADS=$APOT_THREADS MKL_NUM_THREADS=$APOT_THREADS; fi
+MNIST_EPOCHS=${EPOCHS:-25}
 EPOCHS=${EPOCHS:-300}
 if [ -z "${DATA:-}" ]; then
     if [ -d ../shared/data ]; then DATA=../shared/data; else DATA=./data; fi
@@ -62,6 +67,12 @@ if [ "${SKIP_CKPT:-0}" != 1 ] && [ -d "$CKPT" ]; then
     done
 elif [ "${SKIP_CKPT:-0}" != 1 ]; then
     echo "== no published checkpoints at $CKPT: skipping their evaluation (apot/README.md says where to get them; set CKPT=...)"
+fi
+
+if [ "${SKIP_TRAIN:-0}" != 1 ] && [ "${SKIP_MNIST:-0}" != 1 ]; then
+    echo "== MNIST README recipe: ${ARCH:-resnet10 resnet18}, bits ${BITS:-2 3 4 5}, power ${POWERS:-1 0}, seeds ${SEEDS:-1 2 3}, $MNIST_EPOCHS epochs"
+    echo "   (~12 min per ResNet-10 and ~20 min per ResNet-18 run on one CPU core; output under ${RUNS}/apot/mnist-*)"
+    EPOCHS=$MNIST_EPOCHS DATA=$DATA PYTHON=$PY bash apot/MNIST/train_mnist.sh
 fi
 
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then

@@ -177,6 +177,18 @@ def best_record(candidates, published_split=None):
     return best
 
 
+def companion(candidates, rec):
+    """The same training runs measured on another split than `rec`'s (APoT MNIST: the published protocol
+    on the training split, and the test split beside it), as one best_record; None when there are none.
+    Only records of training runs (a run directory and a seed) of rec's origin count."""
+    if rec is None or not rec.get("run_dir"):
+        return None
+    other = [r for r in candidates if r["_origin"] == rec["_origin"] and r.get("run_dir") and r.get("seed") is not None
+             and base_split(r.get("split", "")) != base_split(rec.get("split", ""))
+             and r.get("script") == rec.get("script")]
+    return best_record(other)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 def is_accuracy(metric):
@@ -250,6 +262,11 @@ def compare_paper(paper, records=None, directory=None, reference=None, include_s
             if r is not None:
                 used.add(key_of(r) + (base_split(r.get("split", "")), r["_origin"]))
         notes = [] if rec is None else record_notes(rec, prow["split"])
+        beside = companion(cands, rec)
+        if beside is not None:
+            used.add(key_of(beside) + (base_split(beside.get("split", "")), beside["_origin"]))
+            how = (beside.get("extra") or {}).get("protocol") or "same runs"
+            notes.append(f"{base_split(beside.get('split', ''))} split ({how}): {fmt_value(beside)}")
         if rec is not None and recipe_full(rec) is None:
             notes.append("recipe not recorded")
         if rec is not None and recipe_full(rec) is False:

@@ -276,3 +276,28 @@ def test_prefers_record_on_published_split():
             and r["published"]["dataset"] == "mnist"]
     assert rows and all(r["record"]["split"] == "train" and r["record"]["value"] == 99.6383 for r in rows)
     assert [m["value"] for m in res["measured_only"] if m["model"] == "resnet10"] == [98.77]
+
+
+def _mnist_run(split, seed, value, n):
+    return {"paper": "apot", "script": "apot/MNIST/main.py", "model": "resnet10", "dataset": "mnist",
+            "split": split, "setting": "W4A4", "metric": "top1", "value": value, "n_samples": n,
+            "extra": {"protocol": "published" if split == "train" else "test split, last epoch"},
+            "recipe": {"full": True, "summary": "full (epochs 25)"}, "seed": seed,
+            "run_dir": f"runs/apot/mnist-resnet10_4bit-seed{seed}", "timestamp": f"2026-12-07T0{seed}:00:00"}
+
+
+def test_mnist_runs_pair_on_the_published_protocol_with_the_test_split_beside():
+    recs = [_mnist_run("train", s, v, 60000) for s, v in ((1, 99.6), (2, 99.7), (3, 99.8))]
+    recs += [_mnist_run("test", s, v, 10000) for s, v in ((1, 99.1), (2, 99.2), (3, 99.3))]
+    res = compare.compare_paper("apot", records=recs, reference=[])
+    rows = [e for e in res["rows"] if e["published"]["model"] == "resnet10" and e["published"]["setting"] == "W4A4"
+            and e["published"]["source"].startswith("APoT MNIST")]
+    assert len(rows) == 1
+    e = rows[0]
+    st = e["record"]["_seeds"]
+    assert (st["n"], e["record"]["split"]) == (3, "train")
+    assert st["mean"] == pytest.approx(99.7) and st["std"] == pytest.approx(0.1)       # sample std, n - 1
+    assert e["delta"] == pytest.approx(99.7 - 99.64)
+    assert any(n.startswith("test split (test split, last epoch): 99.2 ±0.10 (99.1-99.3, n=3 seeds)")
+               for n in e["notes"]), e["notes"]
+    assert not [r for r in res["measured_only"] if r.get("dataset") == "mnist"]   # the test runs sit beside the row

@@ -336,3 +336,61 @@ def test_mnist_interrupt_mid_epoch_saves_and_resumes(tmp_path, monkeypatch):
     mnist_main(base + ["--resume", str(ck_path)], monkeypatch)
     assert torch.load(ck_path, weights_only=True)["epoch"] == 1
     assert os.path.realpath("result/resnet10_4bit") == str(tmp_path / "runs" / "apot" / "m")
+
+
+def test_mnist_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    """Killed after batch 2 of epoch 1 and resumed, a seeded run ends with the same tensors, bit for bit, as the
+    uninterrupted run: the checkpoint carries the RNG as the epoch began, so the resumed epoch draws the same
+    order and flips and skips the batches already done. Both protocols' records agree too."""
+    from common import interrupt
+    from common.results import read_records
+    data = tiny_mnist(tmp_path / "data", n_train=20, n_test=10)
+    base = ["-a", "resnet10", "--bit", "4", "--epochs", "2", "-b", "4", "-p", "100", "--data", data, "--seed", "3"]
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    mnist_main(base + ["--name", "whole"], monkeypatch)
+    runs.end_run()
+    pending = iter([None] * 7 + [signal.SIGINT])            # 5 batches per epoch: epoch 1, after batch 3
+    monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
+    with pytest.raises(interrupt.Interrupted, match="epoch 1 batch 3"):
+        mnist_main(base + ["--name", "cut"], monkeypatch)
+    runs.end_run()
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    cut = tmp_path / "runs" / "apot" / "cut" / "checkpoint.pth"
+    mnist_main(base + ["--resume", str(cut)], monkeypatch)
+    a = torch.load(tmp_path / "runs" / "apot" / "whole" / "checkpoint.pth", weights_only=True)
+    b = torch.load(cut, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert diff == []
+    assert a["history"] == b["history"] and len(a["history"]) == 2
+    recs = read_records("apot")
+    by_run = {}
+    for r in recs:
+        by_run.setdefault(os.path.basename(r["run_dir"]), {})[r["split"]] = r["value"]
+    assert by_run["whole"] == by_run["cut"] and set(by_run["whole"]) == {"train", "test"}
+
+
+def test_mnist_protocols_best_training_epoch_and_last_test_epoch():
+    from apot.ImageNet.engine import mnist_protocols
+    hist = [{"epoch": 0, "train": 98.0, "test": 97.0}, {"epoch": 1, "train": 99.5, "test": 99.1},
+            {"epoch": 2, "train": 99.5, "test": 99.3}, {"epoch": 3, "train": 99.2, "test": 98.9}]
+    (s1, v1, e1), (s2, v2, e2) = mnist_protocols(hist, 4)
+    assert (s1, v1, e1["best_epoch"], e1["test_at_best_epoch"], e1["protocol"]) == ("train", 99.5, 1, 99.1, "published")
+    assert (s2, v2, e2["epoch"], e2["best_test"]) == ("test", 98.9, 3, 99.3)
+    assert mnist_protocols([], 4) == []
+
+
+def test_train_mnist_script_runs_skips_finished_and_marks_shortened(tmp_path):
+    data = tiny_mnist(tmp_path / "data", n_train=8, n_test=4)
+    env = dict(os.environ, EPOCHS="1", ARCH="resnet10", BITS="2", POWERS="0", SEEDS="5", DATA=data,
+               PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "res"), **ONE)
+    script = os.path.join(REPO, "apot", "MNIST", "train_mnist.sh")
+    p = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mnist-resnet10_2bit_uniform-seed5-e1: done" in p.stdout
+    recs = [json.loads(line) for line in open(tmp_path / "res" / "apot.jsonl")]
+    assert sorted(r["split"] for r in recs) == ["test", "train"]
+    assert all(r["recipe"]["full"] is False and r["seed"] == 5 and r["setting"] == "W2A2-uniform" for r in recs)
+    p = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "seed5-e1: finished, skipped" in p.stdout
+    assert len(open(tmp_path / "res" / "apot.jsonl").readlines()) == 2
