@@ -300,6 +300,31 @@ def fashion_mnist(root, train=True, transform=None, download=False, flag="--data
 # CIFAR-10
 
 
+# What a CIFAR-10 python batch holds: a dict of str/bytes/lists and one uint8 numpy array. Pickle can name
+# any callable; these are the only ones such a file needs (numpy's array reconstruction under its 1.x and
+# 2.x module names, protocol 5's _frombuffer, and _codecs.encode, which Python 3 uses for the bytes of
+# protocol-2 pickles). Each only builds data.
+CIFAR_PICKLE_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct",)}
+CIFAR_PICKLE_GLOBALS |= {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+CIFAR_PICKLE_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR-10 batch contains and refuses every other global before
+    it is called, so a crafted file cannot run code (as weights_only=True does for checkpoints)."""
+
+    def find_class(self, module, name):
+        if (module, name) in CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def load_cifar_pickle(path):
+    """One CIFAR-10 python batch through `_CifarUnpickler` (latin1, as torchvision reads the Python 2 files)."""
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="latin1").load()
+
+
 def _cifar_batches(src, d, train):
     """torchvision's cifar-10-batches-py: pickled dicts with 'data' (N×3072 uint8) and 'labels'."""
     data, targets = [], []
@@ -308,10 +333,14 @@ def _cifar_batches(src, d, train):
         if not os.path.isfile(p):
             raise src.bad(f"{p} is missing")
         try:
-            with open(p, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            entry = load_cifar_pickle(p)
             x, y = np.asarray(entry["data"]), np.asarray(entry["labels"], dtype=np.int64)
             x = x.reshape(-1, 3, 32, 32) if x.dtype == np.uint8 else None
+        except pickle.UnpicklingError as e:
+            if str(e).startswith("refused global"):
+                raise src.bad(f"{p} holds pickled Python objects a CIFAR-10 batch never contains ({e}); "
+                              f"it was not loaded and nothing in it ran") from None
+            raise src.bad(f"{p} is not a CIFAR-10 python batch (UnpicklingError)") from None
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the pickle, say which file
             raise src.bad(f"{p} is not a CIFAR-10 python batch ({type(e).__name__})") from None
         if x is None or len(x) != len(y) or y.min(initial=0) < 0 or y.max(initial=0) >= 10:

@@ -229,6 +229,45 @@ def test_cifar10_batches_malformed(tmp_path, capsys):
                    os.path.join(d, "data_batch_3") + " is missing", "--data_dir PATH")
 
 
+class _Payload:
+    """Unpickling this calls os.mkdir(marker): a stand-in for any code a crafted batch file would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_cifar10_batch_payload_is_refused_before_it_runs(tmp_path, capsys):
+    d = os.path.join(tmp_path, "cifar-10-batches-py")
+    make_cifar_batches(d)
+    marker = str(tmp_path / "payload-ran")
+    with open(os.path.join(d, "test_batch"), "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": []}, f, protocol=2)
+    one_line_error(lambda: data.cifar10(tmp_path, train=False), capsys,
+                   "holds pickled Python objects a CIFAR-10 batch never contains (refused global posix.mkdir)")
+    assert not os.path.exists(marker)
+    # the same file through plain pickle would have run it: the refusal is what protects
+    with open(os.path.join(d, "test_batch"), "rb") as f:
+        pickle.load(f)
+    assert os.path.isdir(marker)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    """The allowed globals cover what numpy and Python 3 write (protocol 2 uses _codecs.encode for bytes)."""
+    d = os.path.join(tmp_path, "cifar-10-batches-py")
+    truth = make_cifar_batches(d)
+    x = np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)
+    with open(os.path.join(d, "test_batch"), "wb") as f:
+        pickle.dump({"batch_label": b"testing batch 1 of 1", "data": x, "labels": [1, 2, 3],
+                     "filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol=protocol)
+    test = data.cifar10(str(tmp_path), train=False)
+    assert np.array_equal(test.data, x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and test.targets == [1, 2, 3]
+    assert len(data.cifar10(str(tmp_path), train=True)) == 15 and truth
+
+
 def make_cifar_folders(root, split, n=20, seed=0):
     """split/<class>/<index>.png with labels spread over the 10 CIFAR-10 classes; returns (images, labels)."""
     rng = np.random.default_rng(seed)
