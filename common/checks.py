@@ -96,3 +96,26 @@ def check_results_writable():
     flag = "RESULTS_DIR" if os.environ.get("RESULTS_DIR") else "results directory"
     check_writable_dir(d, flag)
     return d
+
+
+# The flags that shape the optimisation of the APoT-style scripts: a resumed run restores its optimizer and
+# schedule, so a changed value would be silently ignored. --epochs may grow (a run extended).
+SGD_RESUME_FLAGS = {"lr": "--lr", "momentum": "--momentum", "weight_decay": "--wd", "batch_size": "-b"}
+
+
+def resume_flags(args, flags=SGD_RESUME_FLAGS):
+    """{dest: value} of `flags` for a checkpoint's 'flags' entry."""
+    return {k: getattr(args, k) for k in flags}
+
+
+def check_resume_flags(ckpt, args, path, flags=SGD_RESUME_FLAGS, flag="--resume"):
+    """Refuse to resume a run under other optimisation flags than it was trained with (those its checkpoint
+    stores in 'flags'; a checkpoint without them, e.g. the original's, is not checked)."""
+    stored = ckpt.get("flags") if isinstance(ckpt, dict) else None
+    if not isinstance(stored, dict):
+        return
+    for k, name in flags.items():
+        if k in stored and stored[k] != getattr(args, k):
+            raise UserError(f"{flag} {path} was trained with {name} {stored[k]} but this run has {name} "
+                            f"{getattr(args, k)}; resume with the run's own flags, or start a new run from its "
+                            f"weights (--pretrained/--init)")

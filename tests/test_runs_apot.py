@@ -394,3 +394,65 @@ def test_train_mnist_script_runs_skips_finished_and_marks_shortened(tmp_path):
     p = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0 and "seed5-e1: finished, skipped" in p.stdout
     assert len(open(tmp_path / "res" / "apot.jsonl").readlines()) == 2
+
+
+def test_cifar_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    """CIFAR-10: interrupted after batch 2 of epoch 1 and resumed, a seeded run ends with every tensor of the
+    uninterrupted run, bit for bit (same order, crops and flips for the resumed epoch; the batches done skipped)."""
+    from common import interrupt
+    data = tiny_cifar(tmp_path / "data", n_train=2, n_test=1)          # 20 images: 5 batches of 4
+    base = ["--bit", "4", "--epochs", "2", "-b", "4", "-p", "100", "--data", data, "--seed", "1"]
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    cifar().main(base + ["--name", "whole"])
+    runs.end_run()
+    pending = iter([None] * 6 + [signal.SIGINT])            # epoch 1, after its batch 2
+    monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
+    with pytest.raises(interrupt.Interrupted, match="epoch 1 batch 2"):
+        cifar().main(base + ["--name", "cut"])
+    runs.end_run()
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    cut = tmp_path / "runs" / "apot" / "cut" / "checkpoint.pth.tar"
+    cifar().main(base + ["--resume", str(cut)])
+    a = torch.load(tmp_path / "runs" / "apot" / "whole" / "checkpoint.pth.tar", weights_only=True)
+    b = torch.load(cut, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+    mom = lambda c: [s["momentum_buffer"] for s in c["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(mom(a), mom(b))) and len(mom(a)) == len(mom(b)) > 0
+
+
+@pytest.mark.parametrize("script", ["cifar", "mnist"])
+@pytest.mark.parametrize("flag,value", [("--lr", "0.02"), ("--wd", "0.0005"), ("-b", "5")])
+def test_resume_under_changed_optimisation_flags_is_refused(script, flag, value, tmp_path, monkeypatch):
+    """The restored optimizer would silently keep the old value: one line naming both values, no work done."""
+    from common import interrupt
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    if script == "cifar":
+        base = ["--bit", "4", "--epochs", "1", "-b", "4", "--data", tiny_cifar(tmp_path / "data", 1, 1), "--seed", "1"]
+        cifar().main(base + ["--name", "r", "--lr", "0.04"])
+        ck, run = tmp_path / "runs" / "apot" / "r" / "checkpoint.pth.tar", lambda a: cifar().main(a)
+    else:
+        base = ["-a", "resnet10", "--bit", "4", "--epochs", "1", "-b", "4", "--data",
+                tiny_mnist(tmp_path / "data", 8, 4), "--seed", "1"]
+        mnist_main(base + ["--name", "r", "--lr", "0.04"], monkeypatch)
+        ck, run = tmp_path / "runs" / "apot" / "r" / "checkpoint.pth", lambda a: mnist_main(a, monkeypatch)
+    runs.end_run()
+    manifest = (tmp_path / "runs" / "apot" / "r" / "manifest.json").read_text()
+    argv = base + ["--lr", "0.04", "--epochs", "2", "--resume", str(ck)]
+    if flag in argv:
+        argv[len(argv) - 1 - argv[::-1].index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    with pytest.raises(UserError, match=f"was trained with {flag} .* but this run has {flag} {value}"):
+        run(argv)
+    assert (tmp_path / "runs" / "apot" / "r" / "manifest.json").read_text() == manifest
+    run(base + ["--lr", "0.04", "--epochs", "2", "--resume", str(ck)])      # the run's own flags: accepted, extended
+    runs.end_run()
+
+
+def test_imagenet_total_batch_must_divide_over_the_processes(monkeypatch):
+    im = importlib.import_module("apot.ImageNet.main")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="-b 4 is the total batch over all 3 processes .* use -b 3"):
+        im.check_args(im.parser.parse_args(["-a", "resnet18", "-b", "4", "--data", "x"]))
+    im.check_args(im.parser.parse_args(["-a", "resnet18", "-b", "6", "--data", "x"]))

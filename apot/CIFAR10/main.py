@@ -17,12 +17,13 @@ import torchvision.transforms as transforms
 
 from apot.CIFAR10.models import MODELS
 from common import interrupt, runs
-from common.checks import check_sgd_flags, check_results_writable, check_writable_dir
+from common.checks import (check_resume_flags, check_results_writable, check_sgd_flags, check_writable_dir,
+                           resume_flags)
 from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
                                save_checkpoint, strip_module_prefix, training_state)
 from common.data import cifar10
 from common.devdata import DeviceSums
-from common.device import get_device, seed_everything
+from common.device import get_device, get_rng_state, seed_everything
 from common.errors import UserError, run_main
 from common.identity import check_checkpoint, expect, identity
 from common.meters import AverageMeter, accuracy, progress
@@ -278,6 +279,8 @@ def main(argv=None):
                                             suggest=lambda i: f"--bit {i['bits']}" if 'bits' in i else '')
         eval_recipe = (ident or {}).get('recipe')
         init_recipe = (ident or {}).get('init_recipe', init_recipe)
+        if not args.evaluate:
+            check_resume_flags(ckpt, args, args.resume)
         if args.evaluate:
             load_model_state(model, extract_state_dict(ckpt), strict=True, what=f'checkpoint {args.resume}')
         else:
@@ -327,15 +330,17 @@ def main(argv=None):
 
     def state_at(epoch, **extra):
         return training_state(net, optimizer, scheduler, epoch=epoch, best=best_prec, best_prec=best_prec,
-                              arch=args.arch, bit=args.bit, quantlab=ident, **extra)
+                              arch=args.arch, bit=args.bit, quantlab=ident, flags=resume_flags(args), **extra)
 
     def on_interrupt(i):                          # SIGINT/SIGTERM: save at this batch, atomically, then stop
-        state = state_at(epoch, batch=i + 1, interrupted=True)
+        # the RNG as the epoch began: a resume draws the same order and augmentation and skips the batches done
+        state = state_at(epoch, batch=i + 1, interrupted=True, rng=epoch_rng)
         interrupt.save_and_stop(os.path.join(fdir, 'checkpoint.pth.tar'), state, log, f"epoch {epoch} batch {i + 1}")
 
     prec = None
     with interrupt.armed():
         for epoch in range(start_epoch, args.epochs):
+            epoch_rng = get_rng_state()
             if epoch % 10 == 1:
                 net.show_params()
             loss, train_prec, _ = train(trainloader, fwd, criterion, optimizer, epoch, device, args.print_freq,

@@ -21,9 +21,10 @@ from apot.ImageNet import engine, models
 from apot.ImageNet.models.resnet import load_torchvision_weights
 from common import data as cdata
 from common import interrupt, runs
-from common.checks import check_sgd_flags, check_results_writable, check_writable_dir
+from common.checks import (check_resume_flags, check_results_writable, check_sgd_flags, check_writable_dir,
+                           resume_flags)
 from common.checkpoint import load_checkpoint, save_checkpoint, training_state
-from common.device import seed_everything
+from common.device import get_rng_state, seed_everything
 from common.errors import UserError, cli
 from common.identity import identity
 from common.results import combine_recipes, recipe_info, record
@@ -73,6 +74,10 @@ parser.add_argument("--overwrite", action="store_true", help="replace the run al
 def check_args(args):
     """Every range and output directory, before any data is read (one line, exit 2)."""
     check_sgd_flags(args, wd_flag="--wd")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)     # torchrun: -b is the total over all processes
+    if world > 1 and args.batch_size % world:
+        raise UserError(f"-b {args.batch_size} is the total batch over all {world} processes and must be a multiple "
+                        f"of {world}; use -b {max(world, args.batch_size // world * world)}")
     engine.check_compile_backend(args.compile)
     if not args.evaluate:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
@@ -118,6 +123,9 @@ def main():
                                  overwrite=args.overwrite, flag="--name")
     ckpt = load_checkpoint(args.resume, what="resume checkpoint", flag="--resume") if args.resume else None
     ident, note = engine.check_identity(ckpt, args.resume, args, power) if ckpt is not None else (None, None)
+    if ckpt is not None and not args.evaluate:
+        check_resume_flags(ckpt, args, args.resume)
+    run_flags = resume_flags(args)                # -b as given: the total batch, before it is split over processes
     init_recipe = (ident or {}).get("init_recipe")
     pre = None
     if args.pretrained:                           # checked before any data is read, like --resume
@@ -132,8 +140,6 @@ def main():
     distributed, rank, world, device = engine.setup_distributed(args.gpu)
     main_process = rank == 0
     if distributed:
-        if args.batch_size < world:
-            raise UserError(f"-b {args.batch_size} is smaller than the {world} processes; raise -b")
         args.batch_size = args.batch_size // world          # -b is the total batch over all processes
         args.workers = (args.workers + world - 1) // world
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -200,16 +206,18 @@ def main():
 
     def state_at(epoch, **extra):
         return training_state(model, optimizer, scheduler, epoch, best_acc1, arch=args.arch, bit=args.bit,
-                              power=power, best_acc1=best_acc1, quantlab=qident, **extra)
+                              power=power, best_acc1=best_acc1, quantlab=qident, flags=run_flags, **extra)
 
     def on_interrupt(i, step):                    # SIGINT/SIGTERM: save at this batch, atomically, then stop
-        state = state_at(epoch, batch=i + 1, interrupted=True)
+        # the RNG as the epoch began: a resume draws the same order and augmentation and skips the batches done
+        state = state_at(epoch, batch=i + 1, interrupted=True, rng=epoch_rng)
         path = os.path.join(fdir, tag + "checkpoint.pth.tar")
         interrupt.save_and_stop(path, state, log, f"epoch {epoch} batch {i + 1}")
 
     step = start_epoch * len(train_loader) + skip
     with interrupt.armed():
         for epoch in range(start_epoch, args.epochs):
+            epoch_rng = get_rng_state()
             if sampler is not None:
                 sampler.set_epoch(epoch)
             _, _, step = engine.train(train_loader, fwd, criterion, optimizer, epoch, args, log, device, step,

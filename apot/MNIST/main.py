@@ -25,7 +25,7 @@ from apot.ImageNet import engine
 from apot.MNIST import models
 from common import data as cdata
 from common import interrupt, runs
-from common.checks import check_sgd_flags, check_results_writable
+from common.checks import check_resume_flags, check_results_writable, check_sgd_flags, resume_flags
 from common.checkpoint import load_checkpoint, save_checkpoint, training_state
 from common.devdata import DeviceLoader
 from common.device import get_rng_state, seed_everything
@@ -90,6 +90,8 @@ def main():
                                                         resume=args.resume, overwrite=args.overwrite, flag="--name")
     ckpt = load_checkpoint(args.resume, what="checkpoint", flag="--resume") if args.resume else None
     ident, note = engine.check_identity(ckpt, args.resume, args, power) if ckpt is not None else (None, None)
+    if ckpt is not None and not args.evaluate:
+        check_resume_flags(ckpt, args, args.resume)
     _, _, _, device = engine.setup_distributed(args.gpu)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     seed_everything(seed, deterministic=args.seed is not None)
@@ -169,7 +171,7 @@ def main():
     def state_at(epoch, **extra):
         return training_state(model, optimizer, scheduler, epoch, best_acc1, arch=args.arch, bit=args.bit,
                               power=power, best_acc1=best_acc1, val_split=args.val_split, quantlab=qident,
-                              history=history, wall_s=prior_wall + time.time() - t_run, **extra)
+                              history=history, flags=resume_flags(args), wall_s=prior_wall + time.time() - t_run, **extra)
 
     def on_interrupt(i, step):                    # SIGINT/SIGTERM: save at this batch, atomically, then stop
         # the RNG as the epoch began: a resume draws the same order and flips and skips the batches done
