@@ -25,8 +25,17 @@ cd "$ROOT/fdda"
 
 if [ "${SMOKE:-0}" = 1 ]; then
     OUT=${SMOKE_DIR:-$ROOT/runs/fdda-smoke}
-    rm -rf "$OUT"
+    # a smoke output is replaced on every run, so only a folder this script made (it holds the marker file)
+    # is ever removed; any other non-empty folder is refused and left as it is
+    MARK=.fdda-smoke-output
+    if [ -e "$OUT" ] && { [ ! -d "$OUT" ] || { [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/$MARK" ]; }; }; then
+        echo "reproduce-fdda: SMOKE_DIR=$OUT exists and is not an earlier smoke output (no $MARK in it);" \
+             "nothing was removed: name a new or empty folder" >&2
+        exit 2
+    fi
+    if [ -f "$OUT/$MARK" ]; then rm -rf "$OUT"; fi
     mkdir -p "$OUT"
+    echo "written by fdda/reproduce.sh SMOKE=1; the next smoke run replaces this folder" > "$OUT/$MARK"
     export RESULTS_DIR="$OUT/results" QUANTLAB_RUNS="$OUT/runs"
     "$PY" smoke_data.py "$OUT/data" --classes 3 --train 2 --val 2 --size 64 >/dev/null
     COMMON=(--dataPath "$OUT/data" --save_path "$OUT/save_ImageNet/")
