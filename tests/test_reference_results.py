@@ -53,3 +53,28 @@ def test_alq_reference_seeds_pair_with_the_published_lenet5_row():
     assert rec is not None and row["local"] is None
     if len(runs) > 1:
         assert rec["_seeds"]["n"] == len(runs)
+
+
+def test_committed_reference_records_hold_no_absolute_paths():
+    """A clone elsewhere reads them as its own: every path is relative to the repository root."""
+    from common.reference import absolute_paths
+    from common.results import read_jsonl
+    ref = REF
+    files = [os.path.join(d, f) for d, _, fs in os.walk(ref) for f in fs if f.endswith(".jsonl")]
+    assert files
+    bad = [(f, p) for f in files for r in read_jsonl(f) for p in absolute_paths(r)]
+    assert bad == []
+
+
+def test_reference_paths_are_made_relative(tmp_path, monkeypatch):
+    from common import REPO_ROOT
+    from common.reference import default_mapping, relative, absolute_paths
+    monkeypatch.setenv("QUANTLAB_RUNS", str(tmp_path / "runs"))
+    rec = {"run_dir": str(tmp_path / "runs" / "apot" / "x"),
+           "command": f"python main.py --data {os.path.normpath(os.path.join(REPO_ROOT, '..', 'shared'))}/data "
+                      f"--resume {REPO_ROOT}/runs/apot/x/checkpoint.pth", "extra": {"source": [f"{REPO_ROOT}/a.pth"]}}
+    out = relative(rec, default_mapping())
+    assert out == {"run_dir": "runs/apot/x",
+                   "command": "python main.py --data ../shared/data --resume runs/apot/x/checkpoint.pth",
+                   "extra": {"source": ["a.pth"]}}
+    assert absolute_paths(out) == [] and absolute_paths(rec) != []
