@@ -21,6 +21,7 @@ paper, `results/compare_<paper>.png` (axes from zero, measured rows only).
     python -m common.compare apot dambq   # print two papers (RESULTS.md still covers all five)
 """
 import argparse
+import textwrap
 import json
 import math
 import os
@@ -460,7 +461,96 @@ def commands_of(result):
     return list(dict.fromkeys(out))
 
 
-def format_text(result):
+def fmt_value_short(rec):
+    """'92.3', or 'mean ±std n=3' for seed statistics (the range is in the row's note and the seed table)."""
+    if rec is None:
+        return "-"
+    st = rec.get("_seeds")
+    return f"{fmt(st['mean'])} ±{st['std']:.2f} n={st['n']}" if st else fmt(rec["value"])
+
+
+COMPACT_HEADER = ("#", "model", "dataset", "setting", "metric", "published", "reference", "local", "delta", "n",
+                  "split")
+COMPACT_MEASURED = ("model", "dataset", "setting", "metric", "value", "from", "n", "split", "recipe")
+
+
+def short_split(published, measured):
+    return published if measured in (None, published) else f"{published}/{measured}"
+
+
+def compact_cells(result):
+    """The terminal view: one short row per published row, its notes numbered below the table (recipe,
+    command and run directory are in the lists after it; --wide prints the full table)."""
+    numbers, _ = footnotes_of(result)
+    rows, notes, shown = [], [], []
+    for entry in result["rows"]:
+        p, rec = entry["published"], entry["record"]
+        # the same number published twice (a README row and the value its checkpoint stores, equal to the
+        # README's two decimals): one row
+        twin = next((k for k, q in shown if key_of(q) == key_of(p) and q["split"] == p["split"]
+                     and abs(q["value"] - p["value"]) <= 0.005 + 1e-9), None)
+        if twin is not None:
+            notes[twin] += f"; also {readable(result['paper'], short_source(p['source']))}: {fmt_published(p)}"
+            continue
+        i = len(rows) + 1
+        row_notes = list(entry["notes"])
+        for origin in ("reference", "local"):
+            st = (entry[origin] or {}).get("_seeds")
+            if st:
+                row_notes.append(f"{origin} seeds {fmt(st['min'])}-{fmt(st['max'])}")
+        if p.get("note"):
+            row_notes.append(f"see [{numbers[p['note']]}]")
+        if rec is None:
+            rows.append((i, p["model"], p["dataset"], p["setting"], p["metric"], fmt_published(p),
+                         not_run_text(result), "-", "-", "-", p["split"]))
+        else:
+            n = rec.get("n_samples") or 0
+            rows.append((i, p["model"], p["dataset"], p["setting"], p["metric"], fmt_published(p),
+                         fmt_value_short(entry["reference"]), fmt_value_short(entry["local"]),
+                         fmt_delta(entry["delta"]), f"{n:,}" if n else "-", short_split(p["split"], rec.get("split"))))
+        shown.append((len(notes), p))
+        notes.append(f"#{i}: " + "; ".join(row_notes) if row_notes else "")
+    return rows, [textwrap.fill(n, 110, initial_indent="  ", subsequent_indent="      ") for n in notes if n]
+
+
+def format_text(result, wide=False):
+    if wide:
+        return format_wide(result)
+    rows, notes = compact_cells(result)
+    done = sum(1 for e in result["rows"] if e["record"] is not None)
+    out = [f"== {result['paper']}: {result['title']} ({result['venue']})"
+           + ("" if result.get("has_code", True) else "  [no code in this repository yet]"),
+           f"   {len(result['rows'])} published rows, {done} measured, {result['n_records']} local records, "
+           f"{result.get('n_reference', 0)} reference records",
+           "   delta = measured (local, else reference) - published; --wide adds source, recipe and run columns"]
+    if rows:
+        out.append(text_table(COMPACT_HEADER, rows))
+    else:
+        out.append("(no published numbers; see the notes in common/published/%s.json)" % result["paper"])
+    out += notes
+    out += [textwrap.fill(f"[{i}] {readable(result['paper'], note)}", 110, subsequent_indent="    ")
+            for i, note in footnotes_of(result)[1]]
+    cmds = commands_of(result)
+    if cmds:
+        out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
+    header, cells = seed_run_cells(result)
+    if cells:
+        out += ["", SEED_RUNS_TITLE, text_table(header, cells)]
+
+    def measured(r):
+        return (r.get("model"), r.get("dataset"), r.get("setting"), r.get("metric"), fmt_value_short(r),
+                r.get("_origin", "local"), f"{r.get('n_samples', 0):,}", r.get("split", "?"),
+                textwrap.shorten(recipe_text(r), 48, placeholder=" ..."))
+    if result["measured_only"]:
+        out += ["", "measured only (no published counterpart):",
+                text_table(COMPACT_MEASURED, [measured(r) for r in result["measured_only"]])]
+    if result.get("shortened"):
+        out += ["", "shortened runs (not reproductions; --include-shortened pairs them):",
+                text_table(COMPACT_MEASURED, [measured(r) for r in result["shortened"]])]
+    return "\n".join(out) + "\n"
+
+
+def format_wide(result):
     paired, measured_only, shortened = table_cells(result)
     done = sum(1 for e in result["rows"] if e["record"] is not None)
     out = [f"== {result['paper']}: {result['title']} ({result['venue']})"
@@ -664,6 +754,8 @@ def main(argv=None):
     parser.add_argument("--no-write", action="store_true", help="only print; do not write RESULTS.md or charts")
     parser.add_argument("--include-shortened", action="store_true",
                         help="also pair records of shortened recipes (smoke runs), marked SHORTENED")
+    parser.add_argument("--wide", action="store_true",
+                        help="the full table in the terminal (source, recipe, run and notes columns), as RESULTS.md")
     args = parser.parse_args(argv)
     for p in args.papers:
         check_paper(p)
@@ -672,7 +764,7 @@ def main(argv=None):
     results = {p: compare_paper(p, directory=directory, include_shortened=args.include_shortened)
                for p in PAPERS}
     for p in args.papers or PAPERS:
-        print(format_text(results[p]))
+        print(format_text(results[p], wide=args.wide))
     if args.no_write:
         return
     os.makedirs(directory, exist_ok=True)

@@ -90,8 +90,10 @@ def test_reference_and_local_side_by_side(_reference):
     assert (e["reference"]["value"], e["local"]["value"]) == (92.0, 91.0)
     assert e["delta"] == pytest.approx(91.0 - e["published"]["value"])    # delta against the local run
     text = compare.format_text(res)
-    header = next(line for line in text.splitlines() if line.startswith("model"))
+    header = next(line for line in text.splitlines() if line.startswith("#   model"))
     assert header.split()[6:8] == ["reference", "local"]
+    wide = compare.format_text(res, wide=True)
+    assert next(line for line in wide.splitlines() if line.startswith("model")).split()[6:8] == ["reference", "local"]
     assert "(reference): python main.py --bit 4 [run: /runs/apot/x]" in text
 
 
@@ -102,7 +104,8 @@ def test_seeds_are_aggregated():
     st = e["record"]["_seeds"]
     assert (st["n"], st["mean"], st["min"], st["max"]) == (3, 92.0, 91.0, 93.0)
     assert st["std"] == pytest.approx(1.0)         # sample std of 91, 92, 93
-    assert "92.0 ±1.00 (91.0-93.0, n=3 seeds)" in compare.format_text(res)
+    assert "92.0 ±1.00 (91.0-93.0, n=3 seeds)" in compare.format_text(res, wide=True)
+    assert "92.0 ±1.00 n=3" in compare.format_text(res) and "local seeds 91.0-93.0" in compare.format_text(res)
     # evaluations of one checkpoint (no run directory) are not seeds: the newest wins
     evals = [dict(r, run_dir=None) for r in records]
     (e, *_) = apot_w4(compare.compare_paper("apot", records=evals, reference=[]))
@@ -172,7 +175,7 @@ def test_seed_runs_are_listed_with_their_layer_bits_and_drawn(tmp_path):
                for m, v in (("top1", top1), ("avg_bits", bits))]
     res = compare.compare_paper("alq", records=records, reference=[])
     text = compare.format_text(res)
-    assert "0.495 ±0.04 (0.47-0.52, n=2 seeds)" in text           # mean of 0.52/0.47, sample std 0.0354
+    assert "0.495 ±0.04 n=2" in text and "local seeds 0.47-0.52" in text     # mean of 0.52/0.47, sample std 0.0354
     runs = text.split(compare.SEED_RUNS_TITLE)[1].splitlines()
     seed2 = next(line for line in runs if "/runs/alq/lenet5-seed2" in line).split()
     assert seed2[:8] == ["lenet5", "mnist", "ALQ", "local", "2", "0.47", "99.0", "conv1"]   # metrics in published order
