@@ -12,7 +12,7 @@ export DATA EPOCHS
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
+.PHONY: help setup reference-table test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ test-all: setup ## run every test, slow ones included
 
 bench: setup ## run benchmarks/ and write CSV rows under results/bench/
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+reference-table: setup ## rewrite results/reference/RESULTS.md from the committed reference records (after adding some)
+	$(PY) -m common.compare --reference-table
 
 compare: setup ## published vs measured (reference + local records); RESULTS.md + charts (COMPARE_FLAGS=--include-shortened)
 	$(PY) -m common.compare $(COMPARE_FLAGS)

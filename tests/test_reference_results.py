@@ -78,3 +78,11 @@ def test_reference_paths_are_made_relative(tmp_path, monkeypatch):
                    "command": "python main.py --data ../shared/data --resume runs/apot/x/checkpoint.pth",
                    "extra": {"source": ["a.pth"]}}
     assert absolute_paths(out) == [] and absolute_paths(rec) != []
+
+
+def test_committed_results_table_is_current():
+    """results/reference/RESULTS.md is what `make reference-table` makes from the committed records (a fresh
+    clone shows it without running anything); after adding reference records, regenerate it."""
+    with open(compare.REFERENCE_TABLE) as f:
+        committed = f.read()
+    assert committed == compare.reference_table(), "run `make reference-table` and commit results/reference/RESULTS.md"
