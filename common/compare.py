@@ -629,8 +629,9 @@ def _se_of(rec):
     return standard_error(rec["value"], rec["n_samples"])
 
 
-CHART_METRICS = (("top1", "top-1 accuracy (%)"), ("avg_bits", "average bits per weight"),
+CHART_METRICS = (("top1", "top-1 accuracy (points)"), ("avg_bits", "average bits per weight"),
                  ("storage_KB", "weight storage (KB)"))
+CHART_UNITS = {"top1": " pts", "avg_bits": " bit", "storage_KB": " KB"}
 
 
 def chart_groups(result):
@@ -673,8 +674,10 @@ def layer_rows(result):
 
 
 def plot_paper(result, path):
-    """One horizontal-bar panel per metric (top-1, and ALQ's bits and storage beside it), axes from zero,
-    only the rows that have a measurement, the count of the others in the title.
+    """One panel per metric (top-1, and ALQ's bits and storage beside it) showing the GAP of each measured
+    row: measured - published, with its uncertainty (1 standard error for a test subset, ±1 std over seeds,
+    each seed a dot) against a zero line, on an axis symmetric about zero; a hollow marker where the split
+    differs from the published one. Only rows with a measurement; the count of the others in the title.
     Returns {'bars': measured rows drawn, 'panels': [(metric, (xmin, xmax))], 'not_measured': count}."""
     import matplotlib
     matplotlib.use("Agg")
@@ -702,27 +705,30 @@ def plot_paper(result, path):
             _plot_layers(ax, layers, xlabel)
             continue
         groups = per_metric[metric]
-        hi = max(max(g[1], g[2] + (g[3] or 0), *g[5]) for g in groups)
+        unit = CHART_UNITS.get(metric, "")
+        reach = max(max([abs(g[2] - g[1]) + (g[3] or 0)] + [abs(v - g[1]) for v in g[5]]) for g in groups)
+        reach = max(reach * 1.25, 1e-3)
         for y, (label, pub, rep, err, differs, seeds) in enumerate(groups):
-            ax.barh(y - 0.2, pub, 0.4, color="tab:blue")
-            ax.text(pub, y - 0.2, f" {fmt(pub)}", va="center", fontsize=7)
-            ax.barh(y + 0.2, rep, 0.4, color="tab:orange", hatch="//" if differs else None, edgecolor="white",
-                    xerr=err, error_kw={"elinewidth": 1, "capsize": 2})
-            ax.text(rep + (err or 0), y + 0.2, f" {fmt(rep)}", va="center", fontsize=7)
-            if seeds:                             # each seed's run as a dot on its mean
-                ax.plot(seeds, [y + 0.2] * len(seeds), "k.", markersize=4)
+            gap = rep - pub
+            ax.errorbar([gap], [y], xerr=None if err is None else [[err], [err]], fmt="o",
+                        color="tab:orange", mfc="white" if differs else "tab:orange", capsize=3, markersize=6)
+            if seeds:                             # each seed's run as a dot
+                ax.plot([v - pub for v in seeds], [y + 0.18] * len(seeds), "k.", markersize=4)
+            ax.text(reach, y, f" {fmt(pub)} -> {fmt(rep)} ({gap:+.2f}{unit})", va="center", fontsize=7)
+        ax.axvline(0.0, color="tab:blue", linewidth=1)
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g[0] for g in groups], fontsize=7)
         ax.set_ylim(len(groups) - 0.4, -0.6)
-        ax.set_xlim(0, (100.0 if metric == "top1" else hi) * 1.12)    # axes from zero: no exaggerated gaps
+        ax.set_xlim(-reach, reach)                # symmetric: a gap reads the same to either side
         seeded = any(g[5] for g in groups)
-        ax.set_xlabel(xlabel + ("; error bar = 1 s.e." if metric == "top1" and not seeded else "")
+        ax.set_xlabel(f"measured - published, {xlabel}" + ("; error bar = 1 s.e. of the test subset"
+                                                             if any(g[3] for g in groups) and not seeded else "")
                       + ("; several seeds: mean, ±1 std, dots = runs" if seeded else ""), fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange"),
-               plt.Rectangle((0, 0), 1, 1, facecolor="tab:orange", hatch="//", edgecolor="white")]
-    labels = ["published", "measured", "measured on another split than published"]
+    handles = [plt.Line2D([], [], color="tab:blue"), plt.Line2D([], [], marker="o", color="tab:orange", ls=""),
+               plt.Line2D([], [], marker="o", color="tab:orange", mfc="white", ls="")]
+    labels = ["published (zero gap)", "measured", "measured on another split than published"]
     rest = f"; {not_measured} more published rows not measured yet" if not_measured else ""
-    fig.suptitle(f"{result['paper']}: published vs measured{rest}", x=0.01, ha="left", fontsize=10)
+    fig.suptitle(f"{result['paper']}: measured minus published{rest}", x=0.01, ha="left", fontsize=10)
     fig.legend(handles=handles, labels=labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.45 / height))   # title and legend in fixed inches
     fig.savefig(path, dpi=100)

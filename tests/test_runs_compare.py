@@ -121,20 +121,21 @@ def test_record_carries_recipe_seed_run_dir(tmp_path):
     assert copy == read_records("apot")                              # the run directory keeps a copy
 
 
-def test_charts_start_at_zero_and_draw_only_measured_rows(tmp_path):
+def test_charts_show_the_gap_about_zero_and_draw_only_measured_rows(tmp_path):
     records = [rec(91.0)]
     res = compare.compare_paper("apot", records=records, reference=[])
     out = compare.plot_paper(res, str(tmp_path / "a.png"))
     assert out["bars"] == 2 and out["not_measured"] == len(res["rows"]) - 2   # W4A4 has two published rows
     (metric, (lo, hi)), = out["panels"]
-    assert metric == "top1" and lo == 0.0 and hi == pytest.approx(112.0)   # 100 % plus room for the labels
-    # ALQ: bits and storage beside top-1, each axis from zero
+    # the gaps 91.0 - 92.47 and 91.0 - 92.45 (no error bar: the full split), 25 % room, symmetric about zero
+    assert metric == "top1" and hi == pytest.approx(1.25 * (92.47 - 91.0)) and lo == -hi
+    # ALQ: bits and storage beside top-1, each axis symmetric about zero
     alq = [dict(model="lenet5", dataset="mnist", setting="ALQ", metric=m, value=v, split=s, n_samples=10000,
                 recipe=FULL, timestamp="2026-01-01T00:00:00")
            for m, v, s in (("top1", 99.0, "test"), ("avg_bits", 0.4, "n/a"), ("storage_KB", 23.0, "n/a"))]
     out = compare.plot_paper(compare.compare_paper("alq", records=alq, reference=[]), str(tmp_path / "b.png"))
     assert [m for m, _ in out["panels"]] == ["top1", "avg_bits", "storage_KB"]
-    assert all(lo == 0.0 for _, (lo, _) in out["panels"])
+    assert all(lo == -hi and hi > 0 for _, (lo, hi) in out["panels"])
 
 
 def test_split_difference_is_marked_in_the_chart():
@@ -182,4 +183,5 @@ def test_seed_runs_are_listed_with_their_layer_bits_and_drawn(tmp_path):
     assert "conv2 0.2 fc1 0.4 fc2 1" in " ".join(seed2)
     drawn = compare.plot_paper(res, str(tmp_path / "alq.png"))
     assert drawn["layer_runs"] == 2 and drawn["panels"][-1][0] == "layer_bits"
-    assert all(lo == 0 for _, (lo, _) in drawn["panels"])           # every axis from zero
+    assert all(lo == -hi for m, (lo, hi) in drawn["panels"] if m != "layer_bits")   # gaps about zero
+    assert drawn["panels"][-1][1][0] == 0                            # the layers' bits from zero
