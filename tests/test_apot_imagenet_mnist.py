@@ -506,6 +506,14 @@ def test_imagenet_compile_flag_matches_eager(tiny_imagenet, monkeypatch, capsys)
 # visualize.py
 
 
+def test_visualize_out_under_a_file_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run_script(["visualize.py", "--checkpoint", str(tmp_path / "missing.pth"), "--out",
+                    str(tmp_path / "afile" / "w.png")], cwd=IMAGENET_DIR, env=ONE_THREAD)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--out" in r.stderr and "is a file" in r.stderr          # checked before the (missing) checkpoint
+
+
 def test_visualize_published_checkpoint(tmp_path):
     path = require_shared("checkpoints", "apot", "mnist", "resnet10_4bit", "model_best.pth.tar")
     out = tmp_path / "w.png"

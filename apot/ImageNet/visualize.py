@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from apot.apot_levels import build_power_value  # noqa: E402
+from common.checks import check_writable_file  # noqa: E402
 from common.checkpoint import extract_state_dict, load_checkpoint, strip_module_prefix  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 
@@ -83,6 +84,7 @@ def infer(args, ckpt):
 
 def main():
     args = parser.parse_args()
+    check_writable_file(args.out, "--out")                 # before the checkpoint is read
     ckpt = load_checkpoint(args.checkpoint, what="checkpoint", flag="--checkpoint")
     sd = strip_module_prefix(extract_state_dict(ckpt))
     layers = quantized_layers(sd)
