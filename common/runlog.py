@@ -129,6 +129,11 @@ class RunLog:
         if not self.quiet:
             print(msg, flush=True)
 
+    def detail(self, msg):
+        """A line for log.txt only (per-layer values the console would drown in)."""
+        if not self._closed:
+            self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
     def scalar(self, tag, value, step):
         if self._tensorboard and self.writer is None and not self._closed:
             from tensorboardX import SummaryWriter
@@ -153,6 +158,9 @@ class QuietLog:
     """RunLog's interface doing nothing: the log of torchrun processes other than rank 0."""
 
     def info(self, msg):
+        pass
+
+    def detail(self, msg):
         pass
 
     def scalar(self, tag, value, step):

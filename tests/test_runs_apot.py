@@ -456,3 +456,25 @@ def test_imagenet_total_batch_must_divide_over_the_processes(monkeypatch):
     with pytest.raises(UserError, match="-b 4 is the total batch over all 3 processes .* use -b 3"):
         im.check_args(im.parser.parse_args(["-a", "resnet18", "-b", "4", "--data", "x"]))
     im.check_args(im.parser.parse_args(["-a", "resnet18", "-b", "6", "--data", "x"]))
+
+
+def test_clipping_thresholds_go_to_the_log_file_with_one_console_line(tmp_path, capsys):
+    from apot.alphas import clipping_thresholds, log_clipping
+    from apot.MNIST import models as mmodels
+    from common.runlog import RunLog
+    new = mmodels.resnet10(bit=4)
+    with torch.no_grad():
+        new.layer2[0].conv1.weight_alpha.fill_(2.5)
+    old = cifar().build_model(cifar().parser.parse_args(["--bit", "3"]))
+    got_new, got_old = clipping_thresholds(new), clipping_thresholds(old)
+    assert len(got_new) == 11 and len(got_old) == 20        # ResNet-10: 8 block convs + 3 downsample convs
+    assert ("layer2.0.conv1", 2.5, 6.0) in got_new and all(a == 8.0 for _, _, a in got_old)
+    assert clipping_thresholds(mmodels.resnet10(bit=32)) == []
+    log = RunLog(str(tmp_path / "run"), tensorboard=False)
+    log_clipping(new, log, 0)
+    log.close()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["clipping thresholds of 11 layers: weight alpha 2.500..3.000, activation alpha 6.000..6.000 "
+                   "(each layer in log.txt and tensorboard)"]
+    text = (tmp_path / "run" / "log.txt").read_text()
+    assert text.count("clipping threshold layer") == 11 and "layer2.0.conv1: weight alpha 2.500" in text

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torchvision.transforms as transforms
 
 from apot.CIFAR10.models import MODELS
+from apot.alphas import log_clipping
 from common import interrupt, runs
 from common.checks import (check_resume_flags, check_results_writable, check_sgd_flags, check_writable_dir,
                            resume_flags)
@@ -341,8 +342,6 @@ def main(argv=None):
     with interrupt.armed():
         for epoch in range(start_epoch, args.epochs):
             epoch_rng = get_rng_state()
-            if epoch % 10 == 1:
-                net.show_params()
             loss, train_prec, _ = train(trainloader, fwd, criterion, optimizer, epoch, device, args.print_freq,
                                         log, skip=skip if epoch == start_epoch else 0, on_interrupt=on_interrupt,
                                         eta=eta)
@@ -353,6 +352,7 @@ def main(argv=None):
             log.scalar('train_loss', loss, epoch)
             log.scalar('train_acc', train_prec, epoch)
             log.scalar('lr', optimizer.param_groups[0]['lr'], epoch)
+            log_clipping(net, log, epoch)
             log.flush()
 
             # the first epoch of a run always writes model_best (an epoch at 0 % must not leave it missing)

@@ -20,6 +20,7 @@ import torchvision.transforms as transforms
 from apot.ImageNet import engine, models
 from apot.ImageNet.models.resnet import load_torchvision_weights
 from common import data as cdata
+from apot.alphas import log_clipping
 from common import interrupt, runs
 from common.checks import (check_resume_flags, check_results_writable, check_sgd_flags, check_writable_dir,
                            resume_flags)
@@ -234,8 +235,8 @@ def main():
             log.info(f" * Epoch {epoch} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}; "
                      f"{eta.line(epoch + 1)}")
             if main_process:
+                log_clipping(model, log, step)
                 log.flush()
-                engine.show_params(model)
                 state = state_at(epoch + 1)
                 save_checkpoint(state, os.path.join(fdir, tag + "checkpoint.pth.tar"))
                 if is_best:

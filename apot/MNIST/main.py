@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.utils.data
 import torchvision.transforms as transforms
 
+from apot.alphas import log_clipping
 from apot.ImageNet import engine
 from apot.MNIST import models
 from common import data as cdata
@@ -183,8 +184,6 @@ def main():
     with interrupt.armed():
         for epoch in range(start_epoch, args.epochs):
             epoch_rng = get_rng_state()
-            if epoch % 5 == 1:
-                model.show_params()
             _, _, step = engine.train(train_loader, fwd, criterion, optimizer, epoch, args, log, device, step,
                                       skip=skip if epoch == start_epoch else 0, eta=eta,
                                       on_interrupt=on_interrupt)
@@ -199,6 +198,7 @@ def main():
                 log.scalar(f"acc1_{split}_split", a1, step)
                 log.scalar(f"loss_{split}_split", ls, step)
             log.flush()
+            log_clipping(model, log, step)
             history.append({"epoch": epoch, "train": evals["train"][0], "test": evals["test"][0]})
             # the first epoch of a run always writes model_best (an epoch at 0 % must not leave it missing)
             is_best = acc1 > best_acc1 or not os.path.exists(os.path.join(fdir, "model_best.pth.tar"))
