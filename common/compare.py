@@ -266,8 +266,9 @@ def compare_paper(paper, records=None, directory=None, reference=None, include_s
         beside = companion(cands, rec)
         if beside is not None:
             used.add(key_of(beside) + (base_split(beside.get("split", "")), beside["_origin"]))
+            split = base_split(beside.get("split", ""))
             how = (beside.get("extra") or {}).get("protocol") or "same runs"
-            notes.append(f"{base_split(beside.get('split', ''))} split ({how}): {fmt_value(beside)}")
+            notes.append(f"{how if how.startswith(split) else f'{split} split ({how})'}: {fmt_value(beside)}")
         if rec is not None and recipe_full(rec) is None:
             notes.append("recipe not recorded")
         if rec is not None and recipe_full(rec) is False:

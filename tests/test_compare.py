@@ -302,6 +302,6 @@ def test_mnist_runs_pair_on_the_published_protocol_with_the_test_split_beside():
     assert (st["n"], e["record"]["split"]) == (3, "train")
     assert st["mean"] == pytest.approx(99.7) and st["std"] == pytest.approx(0.1)       # sample std, n - 1
     assert e["delta"] == pytest.approx(99.7 - 99.64)
-    assert any(n.startswith("test split (test split, last epoch): 99.2 ±0.10 (99.1-99.3, n=3 seeds)")
+    assert any(n.startswith("test split, last epoch: 99.2 ±0.10 (99.1-99.3, n=3 seeds)")
                for n in e["notes"]), e["notes"]
     assert not [r for r in res["measured_only"] if r.get("dataset") == "mnist"]   # the test runs sit beside the row
