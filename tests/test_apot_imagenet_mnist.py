@@ -3,8 +3,9 @@ import glob
 import importlib.util
 import os
 import re
-import sys
 import shutil
+import signal
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from apot.ImageNet.models import quant_layer as ql
 from apot.ImageNet.models import resnet18 as imagenet_resnet18
 from apot.MNIST import models as mnist_models
+from common import runs
 from common.errors import UserError
 from common.runlog import QuietLog
 from conftest import REPO, require_shared, run_script
@@ -442,6 +444,33 @@ def test_imagenet_end_to_end_progressive_and_resume(tiny_imagenet, monkeypatch, 
     with pytest.raises(UserError, match="pass -a resnet18"):          # a resnet18 run is not a resnet34
         _in_process(main, "-a resnet34 --bit 4 -e --resume checkpoint/res18_4best.pth.tar".split() + small, root,
                     monkeypatch)
+
+
+def test_imagenet_resume_mid_epoch_is_exact(tiny_imagenet, monkeypatch, tmp_path):
+    """Interrupted after batch 1 of epoch 1 and resumed, a seeded run ends with every tensor of the
+    uninterrupted run (same sampler order and crops for the resumed epoch, the batch done skipped)."""
+    from common import interrupt
+    root = tiny_imagenet
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    main = _imagenet_main()
+    base = "-a resnet18 --bit 4 --epochs 2 -b 2 -j 0 -p 100 --data data --seed 1 --fp-init none".split()
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    _in_process(main, base + ["--name", "whole", "--checkpoint-dir", str(tmp_path / "a")], root, monkeypatch)
+    runs.end_run()
+    pending = iter([None, None, signal.SIGINT])              # 2 batches per epoch: epoch 1, after its batch 1
+    monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
+    with pytest.raises(interrupt.Interrupted, match="epoch 1 batch 1"):
+        _in_process(main, base + ["--name", "cut", "--checkpoint-dir", str(tmp_path / "b")], root, monkeypatch)
+    runs.end_run()
+    monkeypatch.setattr(interrupt, "requested", lambda: None)
+    run_root = os.path.join(os.environ["QUANTLAB_RUNS"], "apot")
+    cut = os.path.join(run_root, "cut", "res18_4checkpoint.pth.tar")
+    _in_process(main, base + ["--resume", str(cut), "--checkpoint-dir", str(tmp_path / "b")], root, monkeypatch)
+    runs.end_run()
+    a = torch.load(os.path.join(run_root, "whole", "res18_4checkpoint.pth.tar"), weights_only=True)
+    b = torch.load(cut, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
 
 
 def _tb_tags(d):
