@@ -103,6 +103,10 @@ def record(paper, model, dataset, split, setting, metric, value, n_samples, extr
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "records.jsonl"), "a") as f:
             f.write(line)
+    where = os.path.join(d, f"{paper}.jsonl")
+    shown = os.path.relpath(where) if not os.path.relpath(where).startswith("../..") else where
+    print(f"=> recorded {model} {setting} {metric} {float(value):g} ({split}, {int(n_samples):,} samples) in {shown}",
+          flush=True)
     return rec
 
 

@@ -2,6 +2,7 @@
 shortened runs only as such, skips a corrupt line with file:line, shows committed reference records beside
 local ones, aggregates seeds, prints command + run dir; charts start at zero and draw only measured rows."""
 import json
+import os
 
 import pytest
 
@@ -119,6 +120,14 @@ def test_record_carries_recipe_seed_run_dir(tmp_path):
     assert r["host"]
     copy = [json.loads(line) for line in open(tmp_path / "run" / "records.jsonl")]
     assert copy == read_records("apot")                              # the run directory keeps a copy
+
+
+def test_record_says_where_it_went(capsys):
+    record("apot", "resnet10", "mnist", "train", "W4A4", "top1", 99.5667, 60000, recipe=SHORT)
+    out = capsys.readouterr().out.strip().splitlines()
+    path = os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl")
+    assert out == [f"=> recorded resnet10 W4A4 top1 99.5667 (train, 60,000 samples) in "
+                   f"{os.path.relpath(path) if not os.path.relpath(path).startswith('../..') else path}"]
 
 
 def test_charts_show_the_gap_about_zero_and_draw_only_measured_rows(tmp_path):
