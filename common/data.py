@@ -123,10 +123,15 @@ def _locate(src, find, download=None):
     """`find()` (None when absent); with `download` (a callable), try it once before giving up."""
     found, note = find(), ""
     if found is None and download is not None:
+        made = []
         try:
-            download()
+            download(made)
         except Exception as e:  # noqa: BLE001 - no network, read-only root...: report it in the line
-            note = f" (automatic download failed: {type(e).__name__}: {' '.join(str(e).split())[:100]})"
+            reason = "the download site could not be reached" if isinstance(e, (OSError, RuntimeError)) else str(e)
+            note = f" (the automatic download failed: {type(e).__name__}, {' '.join(reason.split())[:80]})"
+            for d in reversed(made):          # only the folders the attempt created, and only while empty
+                if os.path.isdir(d) and not os.listdir(d):
+                    os.rmdir(d)
         found = find()
     if found is None:
         raise src.missing(note)
@@ -138,8 +143,14 @@ def _tv_download(name, download, **kw):
     if not download:
         return None
 
-    def run():
+    def run(made):
         import torchvision
+        # the folders torchvision may create (<root>/<name>/raw), noted before it runs so that a failed
+        # attempt leaves nothing behind that was not there
+        root = _root(kw["root"])
+        for d in (root, os.path.join(root, name), os.path.join(root, name, "raw")):
+            if not os.path.exists(d):
+                made.append(d)
         getattr(torchvision.datasets, name)(download=True, **kw)
     return run
 

@@ -551,3 +551,24 @@ def test_download_failure_falls_through_to_the_error(tmp_path, capsys):
     blocker.write_text("")
     one_line_error(lambda: data.mnist(blocker, download=True), capsys,
                    f"MNIST not found under {blocker}", "automatic download failed", "pass --data PATH")
+
+
+def test_failed_download_leaves_no_folder_it_made_and_a_clean_line(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    class FakeMNIST:                       # what torchvision does offline: makes <root>/MNIST/raw, then fails
+        def __init__(self, root, download, train):
+            os.makedirs(os.path.join(root, "MNIST", "raw"), exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, https://b/, )")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    root = tmp_path / "data"                              # does not exist yet
+    (tmp_path / "keep").mkdir()
+    err = one_line_error(lambda: data.mnist(root, download=True), capsys, f"MNIST not found under {root}",
+                         "the automatic download failed: RuntimeError, the download site could not be reached")
+    assert "https" not in err and ", )" not in err
+    assert not root.exists() and (tmp_path / "keep").is_dir()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("x")
+    one_line_error(lambda: data.mnist(existing, download=True), capsys, "automatic download failed")
+    assert sorted(os.listdir(existing)) == ["notes.txt"]  # its own MNIST/raw removed, the user's file kept
