@@ -375,10 +375,16 @@ class BinaryLayer:
 
     @property
     def Bf(self):
-        """B as float32. The conversion is written into a buffer the layer keeps (fresh memory for a tensor this
-        size costs more than the conversion itself), so a Bf read before B changes is overwritten later."""
+        """B as float32, (d0, d1, M, n) laid out as (d0, d1, n, M) in memory (strides (.., 1, M)): the layout of the
+        original's B after a basis step (a transposed view of the bit table's rows), which its matmuls read. The
+        layout picks the BLAS routine and so the summation order of B diag(h) B^T: with a contiguous B these
+        products differ from the original's in the last bit. The conversion is written into a buffer the layer
+        keeps (fresh memory for a tensor this size costs more than the conversion itself), so a Bf read before B
+        changes is overwritten later."""
         if self._Bf is None or self._Bf[1] != self._B._version:  # B modified in place: convert again
-            self._Bf = (self._buffer("Bf", self._B.shape).copy_(self._B), self._B._version)
+            d0, d1, M, n = self._B.shape
+            buf = self._buffer("BfT", (d0, d1, n, M)).transpose(2, 3)
+            self._Bf = (buf.copy_(self._B), self._B._version)
         return self._Bf[0]
 
     def _buffer(self, name, shape):
@@ -528,9 +534,11 @@ class BinaryLayer:
         return torch.matmul(self.Bf, self.to_groups(grad_w).unsqueeze(-1)) * self.mask.float()
 
     def construct_hessian_alpha(self, diag_hessian_w):
-        """diag(B diag(h) B^T) = sum_i B_ji^2 h_i (masked). A valid basis is all +-1, so B_ji^2 = 1 and this is
-        the group sum of h on valid slots (the original forms the full M x M product and takes its diagonal)."""
-        return self.to_groups(diag_hessian_w).sum(-1, keepdim=True).unsqueeze(-2) * self.mask.float()
+        """diag(B diag(h) B^T) (masked), formed as the original does: the full M x M product, then its diagonal
+        (a group sum of h on valid slots, summed in the matmul's order)."""
+        Bf = self.Bf
+        H = torch.matmul(Bf * self.to_groups(diag_hessian_w).unsqueeze(-2), Bf.transpose(2, 3))
+        return torch.diagonal(H, dim1=-2, dim2=-1).unsqueeze(-1) * self.mask.float()
 
     # --- pruning (Sec. 3.3) -------------------------------------------------------------------------
     def sort_importance_bin_filter(self, grad_alpha, diag_hessian_alpha, num_top, legacy_index=True):
@@ -587,9 +595,8 @@ class BinaryLayer:
         Bph, revised_grad_w = filled or (None, None)
         if revised_grad_w is None:
             revised_grad_w = self.to_groups(-pseudo_hessian * self.w_FP + pseudo_grad).unsqueeze(-1)
-        if Bph is None:
-            ph = self.to_groups(pseudo_hessian).unsqueeze(-2)  # (d0, d1, 1, n)
-            Bph = torch.mul(Bf, ph, out=self._buffer("Bph", Bf.shape))
+        if Bph is None:  # in Bf's layout (the original's), which the matmul reads
+            Bph = Bf * self.to_groups(pseudo_hessian).unsqueeze(-2)
         revised_hessian = torch.matmul(Bph, Bf.transpose(2, 3))
         revised_hessian = revised_hessian + torch.diag_embed(1 + 1e-6 - self.mask.float().squeeze(-1))
         inv, info = torch.linalg.inv_ex(revised_hessian)  # torch.inverse, without raising on a singular system
@@ -605,8 +612,9 @@ class BinaryLayer:
         return neg, flip
 
     def _fill_native(self, code, grouped):
-        """Set B from the uint8 codes (d0, d1, 1, n) with `alq_fill_bases`, caching its float form, and return
-        (B * ph, -ph * w_FP + pg) for `_least_squares`. grouped: w_FP, pg, ph in group form, contiguous. The second
+        """Set B from the uint8 codes (d0, d1, 1, n) with `alq_fill_bases` and return (None, -ph * w_FP + pg) for
+        `_least_squares` (the library's B as float and B * ph are contiguous, not the original's layout that the
+        matmuls must read, so `Bf` and `_least_squares` form those again). grouped: w_FP, pg, ph in group form, contiguous. The second
         is None for pixelwise groups, whose group view of a weight is not a plain reshape (the least squares then
         form it as before, so the matmul reads the same layout)."""
         d0, d1, M, n = self.group_shape[0], self.group_shape[1], self.max_bit, self.group_shape[2]
@@ -619,9 +627,8 @@ class BinaryLayer:
         _native().alq_fill_bases(code.data_ptr(), mask.data_ptr(), ph.data_ptr(), w.data_ptr(), pg.data_ptr(),
                                  d0 * d1, n, M, B.data_ptr(), Bf.data_ptr(), Bph.data_ptr(),
                                  rgw.data_ptr() if plain else None)
-        self.B = B
-        self._Bf = (Bf, B._version)
-        return Bph, rgw
+        self.B = B  # B as float and B * ph are formed again in the original's layout (Bf, _least_squares)
+        return None, rgw
 
     def basis_step(self, pseudo_grad, pseudo_hessian, ste=False):
         """One basis step fused: `optimize_bin_basis`, `speedup`, then w_FP <- reconstruction (ste: w_FP -= pg/ph,
