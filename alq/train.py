@@ -769,9 +769,33 @@ def check_args(args):
     check_range("--pr", args.pr, lo=0, hi=1)
     check_range("--top_k", args.top_k, lo=0, hi=1)
     check_range("--val_size", args.val_size, lo=1)
+    check_range("--lr", args.lr, lo=0)                   # also refuses NaN and inf
     check_range("--workers", args.workers, lo=0)
     check_range("--ld_basis", args.ld_basis, lo=0, hi=1)
     check_range("--ld_coord", args.ld_coord, lo=0, hi=1)
+
+
+def check_inputs(args, build_net):
+    """Before any run directory exists: the layer flags fit the network, and the stage inputs that already
+    exist (--model_ori for --ALQ, --model for --POSTTRAIN, when the stage before is not run) are this
+    script's files of the right stage. The stages check them again when they load them."""
+    if args.ALQ:
+        names_w, params_w, _ = split_parameters(build_net())
+        check_layer_flags(names_w, params_w, args.structure, args.subc, args.max_bit)
+    for on, before, path, flag, what, stage in ((args.ALQ, args.PRETRAIN, args.model_ori, "--model_ori",
+                                                 "full-precision model", "PRETRAIN"),
+                                                (args.POSTTRAIN, args.ALQ, args.model, "--model", "quantized model",
+                                                 "ALQ")):
+        if not on or before or not path or not os.path.exists(path):
+            continue                              # made by the stage before, or missing: the stage says so
+        ck = load_checkpoint(path, what=what, flag=flag)
+        if not isinstance(ck, dict) or "net_state_dict" not in ck:
+            raise UserError(f"{flag} {path} is not a checkpoint of this script (no 'net_state_dict'); pass the "
+                            f"{stage} output")
+        ident = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else {}
+        got = str(ident.get("stage") or ck.get("stage") or "")
+        if got and not got.startswith(stage):
+            raise UserError(f"{flag} {path} is a {got} output; {flag} takes the {stage} output")
 
 
 def check_outputs(args):
@@ -1309,6 +1333,7 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
         raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
     dist = Dist.start()                           # one process, or torchrun's (DistributedDataParallel)
+    check_inputs(args, build_net)
 
     def plan():                                   # rank 0 decides and checks the outputs; every process follows
         run_dir = args.log_dir or alq_run_dir(arch, args.resume)
@@ -1321,13 +1346,14 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
         setattr(args, k, v)
     seed_everything(args.seed, deterministic=True)      # resumed stages repeat uninterrupted ones (CUDA too)
     device = dist.device
+    # the data are read before the run directory is opened: missing or corrupt data leave no run behind
+    loaders = tuple(dist.shard(loader) for loader in dist.main_first(lambda: make_loaders(args)))
     log = runs.start_run("alq", run_dir, args, seed=args.seed, device=device).log if dist.main else QuietLog()
     if dist.enabled:
         log.info(f"=> {dist.world} processes (DistributedDataParallel, {'nccl' if device.type == 'cuda' else 'gloo'}"
                  f" on {device.type}): --batch_size {args.batch_size} in all, {args.batch_size // dist.world} per "
                  f"process; --workers {args.workers} in all")
     interrupt.install()                           # SIGTERM stops like Ctrl-C: logs closed, resume file kept
-    loaders = tuple(dist.shard(loader) for loader in dist.main_first(lambda: make_loaders(args)))
     st = Stage(args, build_net, loaders, device, log, post_coord_lr, arch=arch, dist=dist)
     inputs = {"ALQ": ("model_ori_sha256", args.model_ori, "--model_ori"),
               "POSTTRAIN": ("model_sha256", args.model, "--model")}
