@@ -453,3 +453,17 @@ def test_quantizers_on_cuda_match_cpu():
     model(torch.randn(8, 3, 32, 32, device='cuda')).sum().backward()
     tuner.sort_and_tune(0)
     assert max(tuner.compute_avg_bit()) < 4.0 and tuner.w_err_total.device.type == 'cuda'
+
+
+def test_first_last_layers_accept_other_widths_and_swap_starts_in_train_mode():
+    # 2 bits on ±max|w| = ±1: Qp = 1.5, levels (k - 1.5)/1.5 for k = 0..3 -> -1, -1/3, 1/3, 1 (the original's)
+    conv = FirstConv2d(1, 1, 2, bit_wgt=2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[[1.0, -0.5], [0.1, -1.0]]]]))
+    from dambq.model.quant_layers import quantize_8bit
+    q = quantize_8bit(conv.weight, 2).detach().flatten().tolist()
+    assert q == pytest.approx([1.0, -1 / 3, 1 / 3, -1.0], abs=1e-7)      # float32 of thirds
+    LastLinear(4, 2, bit_wgt=4, bit_act=4)(torch.rand(3, 4))             # the original accepts any widths
+    model = resnet20().eval()
+    QuantTune(model, 2.0, 2.0)
+    assert all(m.training for m in model.modules() if isinstance(m, (QuantConv2d, FirstConv2d, LastLinear)))

@@ -137,10 +137,12 @@ def quantize_act(x, alpha, bits, err=None):
     return _ActQuant.apply(x.reshape(x.shape[0], g, -1), alpha, qmax, err).view_as(x)
 
 
-def quantize_8bit(x):
-    """The first/last layers' weights: mid-rise 8 bits on ±max|x| (256 levels, no zero), identity STE."""
+def quantize_8bit(x, bits=8):
+    """The first/last layers' weights: mid-rise `bits` bits on ±max|x| (2^bits levels, no zero), identity STE;
+    Qn = −2^(b−1)+0.5, Qp = 2^(b−1)−0.5 as the original ((x/m·Qp − Qn).round() + Qn)/Qp·m."""
+    qn, qp = -2 ** (bits - 1) + 0.5, 2 ** (bits - 1) - 0.5
     m = x.detach().abs().max().clamp_min(torch.finfo(x.dtype).tiny)
-    q = ((x / m * 127.5 + 127.5).round() - 127.5) / 127.5 * m
+    q = ((x / m * qp - qn).round() + qn) / qp * m
     return (q - x).detach() + x
 
 
@@ -248,12 +250,11 @@ class FirstConv2d(nn.Conv2d):
     """The first layer: 8-bit weights (quantize_8bit), unquantized input image."""
 
     def __init__(self, in_channels, out_channels, kernel_size, bit_wgt=8, bit_act=8, **kwargs):
-        if bit_wgt != 8:
-            raise ValueError("FirstConv2d implements the original's 8-bit weights only")
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+        self.bit_wgt_fixed = bit_wgt     # any width, as the original (the swap always builds 8)
 
     def forward(self, x):
-        return self._conv_forward(x, quantize_8bit(self.weight), self.bias)
+        return self._conv_forward(x, quantize_8bit(self.weight, self.bit_wgt_fixed), self.bias)
 
 
 class LastLinear(nn.Linear):
@@ -261,13 +262,12 @@ class LastLinear(nn.Linear):
     identity STE)."""
 
     def __init__(self, in_features, out_features, bit_wgt=8, bit_act=8, **kwargs):
-        if bit_wgt != 8 or bit_act != 8:
-            raise ValueError("LastLinear implements the original's 8-bit weights and activations only")
         super().__init__(in_features, out_features, **kwargs)
+        self.bit_wgt_fixed = bit_wgt     # any widths, as the original (the swap always builds 8/8)
         self.Qp_A = 2 ** bit_act - 1
 
     def forward(self, x):
         m = x.detach().abs().max().clamp_min(torch.finfo(x.dtype).tiny)
         x_q = (x / m * self.Qp_A).round() / self.Qp_A * m
         x_q = (x_q - x).detach() + x
-        return F.linear(x_q, quantize_8bit(self.weight), self.bias)
+        return F.linear(x_q, quantize_8bit(self.weight, self.bit_wgt_fixed), self.bias)

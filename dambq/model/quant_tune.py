@@ -84,7 +84,7 @@ def convert2quant_module(model, names_8bit, shapes, bit_wgt=4, bit_act=4, layerw
         new.weight = child.weight
         if new.bias is not None:
             new.bias = child.bias
-        new.train(child.training)
+        # the new module starts in train mode whatever the float module's mode was, as the original's
         if isinstance(new, QuantConv2d) and full in shapes:
             new.act_numel = math.prod(shapes[full])
         setattr(model, name, new)
