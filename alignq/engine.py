@@ -21,6 +21,7 @@ from alignq import baselines
 from alignq.data import classification_loaders, domain_loaders
 from alignq.models import MODELS, CDFScheme, grl_alpha
 from alignq.options import EXPERIMENTS, parse_args
+from alignq.optim import OriginalSGD, quantized_indices
 from alignq.quant import admm_loss, admm_param_names, admm_update, weight_cdf
 from common import interrupt, runs
 from common.checks import check_results_writable, check_writable_dir, check_writable_file
@@ -318,7 +319,11 @@ def make_optimizer(model, args, lr, admm_params):
         for n, p in model.named_parameters():   # Z/Gamma change only through the ADMM update here: no gradients
             if n in admm_params:
                 p.requires_grad_(False)
-        params = [p for n, p in model.named_parameters() if n not in admm_params]
+        named = [(n, p) for n, p in model.named_parameters() if n not in admm_params]
+        params = [p for _, p in named]
+        if args.method == "ours" and args.bitW < 32:   # the original's own SGD (alignq/optim.py)
+            return OriginalSGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               standard_idx=quantized_indices([n for n, _ in named]), standard=args.standard_sgd)
         return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     heads = [getattr(model, n) for n in ("class_classifier", "classifier", "domain_classifier", "discriminator",
                                          "bottle", "cls_fc") if hasattr(model, n)]

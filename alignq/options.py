@@ -131,7 +131,7 @@ def build_parser(experiment, admm=False, prog="main.py"):
     b("--target_model", default=d.get("target_model"), help="network (cls experiments)")
     b("--model", default=d.get("model"), help="network (domain adaptation experiments)")
     b("--img_size", type=int, default=d.get("img_size", 32), help="Office-31 crop size (default 224); else unused")
-    b("--tau", type=float, default=0.0, help="unused, as in the original")
+    b("--tau", type=float, default=0.3, help="unused, as in the original (its TAU = 0.3)")
     # domain adaptation
     b("--src_data", default=d.get("src_data"))
     b("--tgt_data", default=d.get("tgt_data"))
@@ -150,6 +150,9 @@ def build_parser(experiment, admm=False, prog="main.py"):
     # additions
     b("--admm", default=admm, **opt_bool, help="ADMM correlation preservation (default on under cdf_alignment_admm/)")
     b("--corr_eps", type=float, default=None, help="epsilon added to the correlation std (default 0; 1e-5 DANN)")
+    b("--standard_sgd", action="store_true",
+      help="standard momentum SGD for every parameter (the original's SGD, the default, drops the momentum of "
+           "the non-quantized parameters from the second step: alignq/DEVIATIONS.md)")
     b("--grad_scaling", action="store_true", help="the paper's lam/lam2 gradient scaling (the original's is dead code)")
     b("--seed", type=int, default=None)
     b("--workers", type=int, default=2)

@@ -5,9 +5,9 @@ k = 1 -> sign(v), k = 32 -> v.
 Weights:      w_hat = 2 Phi((w - mu) / sigma) - 1, mu = mean(W), sigma = std(W) (unbiased, not detached),
               w_q = uniform_q_k(w_hat): 2^(k+1) - 1 levels j/n, j in [-n, n].
 Activations:  a_hat = R (2 Phi(x) - 1) with the standard normal Phi, a_q = uniform_q_k(a_hat): 2Rn + 1 levels.
-The gradient reaches w, mu, sigma and x analytically through Phi, written with torch.erf (2 Phi(z) - 1 =
-erf(z / sqrt 2); autograd gives 2 phi(z) dz); torch.distributions.Normal would validate its arguments and raise
-on NaN on modern torch.
+The gradient reaches w, mu, sigma and x through Phi, computed with the float operations of the original's
+torch.distributions.Normal(m, s).cdf(.) * 2 - 1 (which would validate its arguments and raise on NaN on modern
+torch).
 """
 import math
 
@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SQRT1_2 = 1.0 / math.sqrt(2.0)
 
 
 def uniform_q(v, k):
@@ -30,15 +29,22 @@ def uniform_q(v, k):
     return hard.detach() + (v - v.detach())    # value exactly `hard`, gradient exactly 1
 
 
+def normal_cdf2m1(x, m, s):
+    """2 Phi((x - m) / s) - 1 with the float operations of the original's `Normal(m, s).cdf(x) * 2 - 1`
+    (torch.distributions' cdf is 0.5 (1 + erf((x - m) s^-1 / sqrt 2))), without its argument validation, which
+    raises on NaN on modern torch. erf(z / sqrt 2) is the same function but differs in the last bit."""
+    return 0.5 * (1 + torch.erf((x - m) * s.reciprocal() / math.sqrt(2))) * 2 - 1
+
+
 def weight_cdf(w):
-    """w_hat = 2 Phi((w - mean(w)) / std(w)) - 1 = erf((w - mu) / (sigma sqrt 2)) over the whole tensor (unbiased
-    std, gradients kept through mu and sigma)."""
-    return torch.erf((w - w.mean()) * (SQRT1_2 / w.std()))
+    """w_hat = 2 Phi((w - mean(w)) / std(w)) - 1 over the whole tensor (unbiased std, gradients kept through mu
+    and sigma), as the original's cdf(torch.mean(x), torch.std(x), 'w')."""
+    return normal_cdf2m1(w, torch.mean(w), torch.std(w))
 
 
 def act_cdf(x, act_range):
-    """a_hat = R (2 Phi(x) - 1) = R erf(x / sqrt 2) with the fixed standard normal."""
-    return act_range * torch.erf(x * SQRT1_2)
+    """a_hat = (2 Phi(x) - 1) R with the fixed standard normal (the original's m = zeros(1), s = ones(1))."""
+    return normal_cdf2m1(x, x.new_zeros(1), x.new_ones(1)) * act_range
 
 
 class WeightQuant(nn.Module):
@@ -84,10 +90,18 @@ class QConv2d(nn.Conv2d):
                         self.groups)
 
 
+def _standardise(x, eps):
+    centred = x - torch.mean(x, dim=0)     # mean before std, as the original's expression (autograd's order)
+    std = torch.std(x, dim=0)
+    return centred / (std + eps if eps else std)
+
+
 def corr(x, eps=0.0):
-    """N x N sample correlation of a flattened batch: Xt Xt^T / F, Xt = (X - mean_0) / (std_0 + eps), std unbiased."""
-    xt = (x - x.mean(dim=0)) / (x.std(dim=0) + eps)
-    return xt @ xt.t() / xt.shape[1]
+    """N x N sample correlation of a flattened batch: Xt Yt^T / F, Xt = Yt = (X - mean_0) / (std_0 + eps), std
+    unbiased. Standardised twice, as the original's corr(x, x): two autograd branches, whose backward sum is
+    part of the bitwise trajectory."""
+    xt, yt = _standardise(x, eps), _standardise(x, eps)
+    return torch.matmul(xt, torch.transpose(yt, 0, 1)) / xt.shape[1]
 
 
 class ADMM(nn.Module):
@@ -105,13 +119,15 @@ class ADMM(nn.Module):
         self.D = None       # the last forward's discrepancy (detached), used by update()
 
     def forward(self, D):
-        n = min(D.shape[0], self.dim)        # a batch larger than dim (not in the original) uses its first dim rows
+        # a batch larger than dim (the original crashes) keeps the top-left dim x dim block of its correlation,
+        # which is taken over the whole batch
+        n = min(D.shape[0], self.dim)
         D = D[:n, :n]
         Z, G = self.alterD[:n, :n], self.gamma[:n, :n]
         self.D = D.detach()
-        loss_reg = self.mu * Z.abs().mean()
-        loss_constraint = self.rho / 2 * ((D - Z) ** 2).mean().sqrt()
-        loss_relax = (G * (D - Z).abs()).mean()
+        loss_reg = self.mu * torch.mean(torch.abs(Z))
+        loss_constraint = self.rho / 2 * torch.mean((D - Z) ** 2) ** 0.5
+        loss_relax = torch.mean(G * torch.abs(D - Z))
         return loss_reg + loss_constraint + loss_relax
 
     @torch.no_grad()
@@ -122,11 +138,11 @@ class ADMM(nn.Module):
         D = torch.zeros_like(self.gamma)
         n = self.D.shape[0]
         D[:n, :n] = self.D                   # a smaller (last) batch is zero-padded, as the original
-        V = D + self.gamma / self.rho
-        norm = torch.linalg.vector_norm(V)   # Frobenius norm, no host sync
+        V = D + 1 / self.rho * self.gamma    # the original's float order
+        norm = torch.norm(V, 2)              # Frobenius norm as the original's call; no host sync
         t = self.mu / self.rho
-        scale = torch.where(norm > t, 1.0 - t / norm, torch.zeros_like(norm))
-        self.alterD.copy_(scale * V)
+        # zeros (not 0 * V, which is -0 where V < 0) below the threshold, as the original's zeros_like
+        self.alterD.copy_(torch.where(norm > t, (1 - t / norm) * V, torch.zeros_like(V)))
         self.gamma.add_(self.rho * (D - self.alterD))
 
 
@@ -142,17 +158,27 @@ class ActQuant(nn.Module):
         self.a_bit, self.stage, self.act_range, self.corr_eps = a_bit, stage, act_range, corr_eps
         self.admm = ADMM(admm_dim) if admm_dim and a_bit < 32 else None
         self.loss = None
+        self._order = 0
+
+    _clock = 0    # forward order of the ADMM terms, for the original's summation order
 
     def forward(self, x):
         self.loss = None
         if self.a_bit == 32 and self.stage != "align":
             return x
         a_hat = act_cdf(x, self.act_range)
+        q = uniform_q(a_hat, self.a_bit)     # before the ADMM term, as the original (autograd's order)
         if self.admm is not None and self.training and x.shape[0] >= 2:
             n = x.shape[0]
-            D = corr(a_hat.reshape(n, -1), self.corr_eps) - corr(x.reshape(n, -1), self.corr_eps)
+            x_feat, a_feat = x.view(n, -1), a_hat.view(n, -1)
+            corr_x = corr(x_feat, self.corr_eps)     # the original's order: input first
+            D = corr(a_feat, self.corr_eps) - corr_x
             self.loss = self.admm(D)
-        return uniform_q(a_hat, self.a_bit)
+            ActQuant._clock += 1
+            self._order = ActQuant._clock
+        elif self.admm is not None and self.training:
+            self.admm.D = None    # a batch of one: no correlation, and no stale D for the next update
+        return q
 
     def extra_repr(self):
         return f"a_bit={self.a_bit}, stage={self.stage!r}, R={self.act_range}"
@@ -162,10 +188,46 @@ def admm_modules(model):
     return [m for m in model.modules() if isinstance(m, ADMM)]
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _children(module):
+    for c in module.children():
+        if isinstance(c, _CONTAINERS):
+            yield from _children(c)
+        else:
+            yield c
+
+
+def _tree_loss(module):
+    """(sum, first forward index) of the ADMM terms under `module`: each block sums its own terms from 0 in the
+    order its forward produced them, and its parent adds the block's sum as one term, as the original's
+    `trans_loss = 0.; trans_loss += loss` in every block and in the network (containers are not blocks)."""
+    items = []
+    for c in _children(module):
+        if isinstance(c, ActQuant):
+            if c.loss is not None:
+                items.append((c._order, c.loss))
+        else:
+            sub = _tree_loss(c)
+            if sub is not None:
+                items.append((sub[0], sub[1]))
+    if not items:
+        return None
+    items.sort(key=lambda t: t[0])
+    total = 0.
+    for _, v in items:
+        total = total + v
+    return items[0][0], total
+
+
 def admm_loss(model):
-    """Sum of the ADMM terms stored by the last forward (a 0-d tensor; 0 when there are none)."""
-    losses = [m.loss for m in model.modules() if isinstance(m, ActQuant) and m.loss is not None]
-    return torch.stack(losses).sum() if losses else None
+    """Sum of the ADMM terms stored by the last forward (a 0-d tensor; None when there are none), summed in the
+    original's order (see _tree_loss); a model whose forward is itself an ActQuant gives its term."""
+    if isinstance(model, ActQuant):
+        return model.loss
+    sub = _tree_loss(model)
+    return None if sub is None else sub[1]
 
 
 def admm_update(model):

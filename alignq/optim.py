@@ -1,0 +1,69 @@
+"""The original's SGD (`utils/optimizer.py` `SGD`) as it behaved under the torch it pinned (1.7.1).
+
+Its step does, per parameter: `d = grad; d += wd p` (in place, into the gradient); momentum buffer
+`buf = buf * m + (1 - dampening) d` (first step: `zeros * m + d`); `d = buf` (or `d + m buf` with Nesterov); then
+for a quantized conv weight (the original's `idx`: names holding 'conv' and 'weight', the first one dropped)
+`grad = d * approx * pdf` (a new tensor, never read again) and `p -= lr d`; for every other parameter
+`grad = d` and `p -= lr d`. That last assignment makes the gradient *be* the momentum buffer, and torch 1.7's
+in-place `zero_grad()` then zeroes the buffer before every backward, which accumulates the new gradient into it.
+So from the second step on such a parameter gets `buf = g + wd p; buf = buf * m; buf = buf + (1 - dampening) buf`
+and `p -= lr buf`: with m = 0.9 the update is 1.8 lr (g + wd p), no momentum. This class performs those float
+operations in that order without relying on gradient storage (any `zero_grad` mode works): a parameter whose
+buffer the original aliased re-reads its buffer as `0 + g` each step.
+`standard=True` gives torch.optim.SGD's update for every parameter (same float operations as here for the
+quantized weights)."""
+import torch
+from torch.optim import Optimizer
+
+
+def quantized_indices(names):
+    """The original's `idx`: positions of the names holding 'conv' and 'weight', without the first."""
+    return [i for i, n in enumerate(names) if "conv" in n and "weight" in n][1:]
+
+
+class OriginalSGD(Optimizer):
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 standard_idx=(), standard=False):
+        """`standard_idx`: positions (in the single parameter group) that behave as plain momentum SGD in the
+        original (its quantized conv weights); every other parameter gets the aliased buffer."""
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov)
+        super().__init__(params, defaults)
+        self.standard_idx, self.standard = set(standard_idx), standard
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, m, damp, nesterov = group["weight_decay"], group["momentum"], group["dampening"], group["nesterov"]
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if state.get("aliased"):
+                    # the buffer is the gradient storage: zeroed in place, then the backward added g to it
+                    buf = state["momentum_buffer"]
+                    buf.zero_().add_(p.grad)
+                    d = buf
+                else:
+                    d = p.grad.clone() if m != 0 else p.grad
+                if wd != 0:
+                    d.add_(p, alpha=wd)
+                if m != 0:
+                    if "momentum_buffer" not in state:
+                        buf = state["momentum_buffer"] = torch.zeros_like(p)
+                        buf.mul_(m).add_(d)
+                    else:
+                        buf = state["momentum_buffer"]
+                        buf.mul_(m).add_(d, alpha=1 - damp)
+                    d = d.add(buf, alpha=m) if nesterov else buf
+                p.add_(d, alpha=-group["lr"])
+                # the original's `p.grad.data = d_p` for a non-quantized parameter: later steps see the buffer as
+                # the gradient (only when d is the buffer itself: momentum without Nesterov)
+                if (not self.standard and i not in self.standard_idx and m != 0 and not nesterov
+                        and d is state["momentum_buffer"]):
+                    state["aliased"] = True
+        return loss

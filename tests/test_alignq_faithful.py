@@ -1,0 +1,162 @@
+"""AlignQ's faithful-default pieces, hand-derived (any CPU; no BLAS or convolution sums involved):
+the original's SGD with its aliased momentum buffer, the original's CDF expression, the 1-bit and 32-bit
+quantizer paths, and the ADMM loss summed over a network in the original's order."""
+import math
+
+import torch
+import torch.nn as nn
+
+from alignq.optim import OriginalSGD, quantized_indices
+from alignq.quant import ADMM, ActQuant, WeightQuant, act_cdf, admm_loss, normal_cdf2m1, weight_cdf
+
+# binary fractions: every intermediate below is exact in float32, so the expected values are exact
+P0, G, WD, LR, M = 1.0, 0.5, 0.25, 0.125, 0.75
+
+
+def run_sgd(steps, standard_idx=(), standard=False, set_to_none=True):
+    p = nn.Parameter(torch.tensor([P0]))
+    opt = OriginalSGD([p], lr=LR, momentum=M, weight_decay=WD, standard_idx=standard_idx, standard=standard)
+    values = [p.item()]
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=set_to_none)
+        (G * p).sum().backward()                # gradient exactly G
+        opt.step()
+        values.append(p.item())
+    return values
+
+
+def expected(steps, aliased):
+    p, buf, out = P0, None, [P0]
+    for k in range(steps):
+        d = G + WD * p
+        if buf is None:
+            buf = d
+        elif aliased:
+            buf = M * d + M * d                 # the buffer is the gradient: buf = m d; buf += buf
+        else:
+            buf = M * buf + d
+        p = p - LR * buf
+        out.append(p)
+    return out
+
+
+def test_original_sgd_aliased_buffer_drops_momentum():
+    """A non-quantized parameter: from step 2 on the update is 2 m lr (g + wd p), no momentum (ratios 1, 2m, 2m)."""
+    for set_to_none in (True, False):
+        got = run_sgd(4, set_to_none=set_to_none)
+        assert got == expected(4, aliased=True)
+        ratios = [(got[k] - got[k + 1]) / (LR * (G + WD * got[k])) for k in range(4)]
+        assert ratios == [1.0, 2 * M, 2 * M, 2 * M]
+
+
+def test_original_sgd_ratio_with_m09():
+    """m = 0.9 (the scripts' default): ratios 1.0, 1.8, 1.8 up to float32's 0.9 (1.8 = 2 fl(0.9), relative 4e-8)."""
+    p = nn.Parameter(torch.tensor([0.0]))
+    opt = OriginalSGD([p], lr=1.0, momentum=0.9)
+    steps = []
+    for _ in range(3):
+        opt.zero_grad()
+        p.sum().backward()                       # g = 1, wd = 0: the update is the buffer itself
+        before = p.item()
+        opt.step()
+        steps.append(before - p.item())
+    f09 = torch.tensor(0.9).item()
+    assert steps == [1.0, 2 * f09, 2 * f09]
+
+
+def test_original_sgd_quantized_and_standard_are_momentum_sgd():
+    assert run_sgd(4, standard_idx=[0]) == expected(4, aliased=False)
+    assert run_sgd(4, standard=True) == expected(4, aliased=False)
+    p = nn.Parameter(torch.tensor([P0]))
+    ref = torch.optim.SGD([p], lr=LR, momentum=M, weight_decay=WD)
+    vals = [P0]
+    for _ in range(4):
+        ref.zero_grad()
+        (G * p).sum().backward()
+        ref.step()
+        vals.append(p.item())
+    assert vals == expected(4, aliased=False)
+
+
+def test_quantized_indices_is_the_originals_idx():
+    names = ["conv0.weight", "bn.weight", "layers.0.conv0.weight", "layers.0.bn0.bias", "layers.3.skip_conv.weight",
+             "logit.weight"]
+    assert quantized_indices(names) == [2, 4]
+
+
+def test_cdf_is_the_originals_expression():
+    """Same values and gradients as torch.distributions.Normal(m, s).cdf(x) * 2 - 1, bit for bit (elementwise)."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(4096, generator=g) * 0.05).requires_grad_()
+    ref = torch.distributions.Normal(torch.mean(w), torch.std(w)).cdf(w) * 2 - 1
+    mine = weight_cdf(w)
+    assert torch.equal(ref, mine)
+    gr, = torch.autograd.grad(ref.sum(), w)
+    gm, = torch.autograd.grad(mine.sum(), w)
+    assert torch.equal(gr, gm)
+    x = torch.randn(4096, generator=g) * 3
+    ref_a = (torch.distributions.Normal(torch.zeros(1), torch.ones(1)).cdf(x) * 2 - 1) * 2.0
+    assert torch.equal(act_cdf(x, 2.0), ref_a)
+    # erf(z / sqrt 2) is the same function but not the same bits somewhere in this sample
+    assert not torch.equal(torch.erf(x / math.sqrt(2)) * 2.0, ref_a)
+
+
+def test_one_and_32_bit_paths():
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.equal(WeightQuant(1)(w), torch.tensor([-1.0, -1.0, 1.0, 1.0]))   # sign(w - mean)
+    assert WeightQuant(32)(w) is w
+    x = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0])
+    assert torch.equal(ActQuant(1)(x), torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]))  # sign(R erf(x / sqrt 2))
+    assert ActQuant(32)(x) is x
+    a = ActQuant(32, stage="align")(x)               # unrounded R (2 Phi(x) - 1): 0 at 0, |a| < R
+    assert a[2] == 0 and bool((a.abs() < 2).all())
+    # odd up to the rounding of 1 + erf (<= 2^-24 relative of a value < 2, so <= 2^-23), times 2 R = 4, both sides
+    assert (a + a.flip(0)).abs().max().item() <= 2.0 ** -21
+    assert abs(a[4].item() - 2 * math.erf(3 / math.sqrt(2))) < 1e-6   # float32 rounding of a value near 2
+
+
+def test_admm_loss_hand_value():
+    m = ADMM(2)
+    with torch.no_grad():
+        m.alterD.copy_(torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+        m.gamma.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    D = torch.tensor([[1.0, 0.25], [0.25, 1.0]])
+    # mu mean|Z| = 0.2 * 0.25; (D - Z)^2 mean = (0.25 + 0.0625 * 2 + 0.25) / 4; relax = mean(G |D - Z|) = 0.5 / 4
+    want = 0.2 * 0.25 + 0.3 / 2 * math.sqrt(0.625 / 4) + 0.125
+    assert abs(m(D).item() - want) < 1e-7        # float32 rounding of three terms near 0.23
+    with torch.no_grad():
+        m.update()                               # V = D + Gamma / rho, ||V|| > mu / rho: shrink
+    V = D + (1 / 0.3) * torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(m.alterD, (1 - (0.2 / 0.3) / V.norm()) * V, rtol=1e-6, atol=0)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act_q0, self.act_q1, self.act_skip_q = ActQuant(8), ActQuant(8), ActQuant(8)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act_q0 = ActQuant(8)
+        self.layers = nn.ModuleList([Block()])
+
+
+def test_admm_loss_sums_in_the_originals_order():
+    """Each block sums its terms from 0 in forward order (skip first), the network adds the block's sum as one
+    term: top + ((skip + q0) + q1). With 1, 2^-24, 2^-24, 0 that is 1 + 2^-23 in float32; one flat left-to-right
+    sum in module order would round to 1 (or 1 + 2^-23 only by the grouping)."""
+    net = Net()
+    tiny = 2.0 ** -24
+    vals = {net.act_q0: (1, 1.0), net.layers[0].act_skip_q: (2, tiny), net.layers[0].act_q0: (3, tiny),
+            net.layers[0].act_q1: (4, 0.0)}
+    for q, (order, v) in vals.items():
+        q.loss, q._order = torch.tensor(v), order
+    total = admm_loss(net)
+    assert total.dtype == torch.float32 and total.item() == 1.0 + 2 * tiny
+    flat = torch.tensor(0.0)
+    for q in net.modules():
+        if isinstance(q, ActQuant):
+            flat = flat + q.loss
+    assert flat.item() == 1.0                      # the grouping is what the test pins
