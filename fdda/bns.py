@@ -45,7 +45,9 @@ class BNStats:
             return
         x = inputs[0]
         dims = (2, 3) if self.per_sample else (0, 2, 3)
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        # two reductions, as the original's hook (torch.var_mean differs from them in the last bits)
+        mean = x.mean(list(dims))
+        var = x.var(list(dims), unbiased=False)
         self.mean.append(mean)
         self.var.append(var)
         self.modules.append(module)

@@ -13,6 +13,7 @@ The best top-1 is appended to results/fdda.jsonl.
 """
 import glob
 import os
+import random
 import shutil
 import sys
 import time
@@ -40,6 +41,9 @@ from fdda.quantization_utils import freeze_model, unfreeze_model  # noqa: E402
 from fdda.trainer_DBNS_CBNS import Trainer  # noqa: E402
 
 CKPT = "checkpoint.pth"
+# the original built its generator before seeding, from an unseeded RNG (a new per-process seed on current
+# torch): here it is drawn from this fixed seed, so runs repeat; the draws after manualSeed are unchanged
+TORCH_START_SEED = 67280421310721
 # options a --resume must share with the run it continues (the rest: paths, workers, evaluation only)
 FREE_ON_RESUME = ("dataPath", "save_path", "nThreads", "GPU", "nGPU", "test_batchSize", "test_teacher",
                   "test_start_epoch")
@@ -154,19 +158,26 @@ def main(f8l8=False):
     if ckpt_path:
         ckpt = load_checkpoint(ckpt_path, what="resume checkpoint", flag="--resume")
         check_resume(ckpt, ckpt_path, args, opt, f8l8, bns)
-    teacher, source = models.build_teacher(args.model_name, args.teacher_path, opt.nClasses, opt.manualSeed)
-
+    # the original's order of random draws: the generator is built before manualSeed is set, then torch is seeded, then two networks are built (teacher and the student's float copy;
+    # their random initialisations are drawn and overwritten by the pretrained weights), then one
+    # random.randint(0, 0) (batch_index). Python's random and numpy are seeded too (the original never seeded
+    # them: its class draws were not reproducible); that changes no torch draw.
+    torch.manual_seed(TORCH_START_SEED)      # the original: unseeded here (see TORCH_START_SEED)
+    generator = Generator_imagenet(n_classes, opt.latent_dim, opt.img_size, opt.channels, opt.ccbn_eps)
     dist = distributed.setup(opt.GPU)
     device = dist.device
     seed_everything(opt.manualSeed)
-    generator = Generator_imagenet(n_classes, opt.latent_dim, opt.img_size, opt.channels, opt.ccbn_eps)
+    teacher, source = models.build_teacher(args.model_name, args.teacher_path, opt.nClasses, opt.manualSeed)
+    models.build(args.model_name, opt.nClasses)                      # the original's second network: its draws
+    random.randint(0, 0)                                             # the original's batch_index draw
     student = models.build_student(teacher, args.model_name, opt.qw, opt.qa, f8l8, opt.clip_ste)
     teacher.to(device)
     student.to(device)
     generator.to(device)
     dist.broadcast_module(student)
     dist.broadcast_module(generator)
-    seed_everything(opt.manualSeed + 1000 * dist.rank)               # each rank draws its own batches
+    if dist.enabled:                 # each rank draws its own batches (one process: the original's streams)
+        seed_everything(opt.manualSeed + 1000 * dist.rank)
     calib = CalibrationSet(path_label, opt.img_size)
     calib_loader = loader(calib, min(opt.batchSize, len(calib)), shuffle=True, drop_last=True)
     if dist.enabled:
@@ -253,6 +264,8 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
         stopped["at"] = f"epoch {epoch + 1} iteration {i + 1}"
         interrupt.stop(stopped["at"])
 
+    # the original evaluated when epoch > warmup_epochs - 2; test_start_epoch >= 0 overrides that
+    test_from = opt.test_start_epoch if opt.test_start_epoch >= 0 else opt.warmup_epochs - 1
     eta = runs.ETA(opt.nEpochs, start_epoch, opt.iters_per_epoch, say=log.info)
     t_start, n_val, epoch = time.time(), None, start_epoch
     try:
@@ -273,7 +286,7 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                 for k, v in m.items():
                     log.scalar(f"train/{k}", v, epoch + 1)
                 improved = False
-                if epoch >= opt.test_start_epoch:
+                if epoch >= test_from:
                     top1, top5, n_val = trainer.test()
                     line += f" [val top1: {top1:.4f}% top5: {top5:.4f}%]"
                     log.scalar("val/top1", top1, epoch + 1)

@@ -24,7 +24,7 @@ DEFAULTS = {
     "lr_G": 0.001, "lrPolicy_G": "multi_step", "step_G": [100, 200, 300], "decayRate_G": 0.1,
     "b1": 0.5, "b2": 0.999, "use_FDDA": True, "D_BNSLoss_weight": 0.9, "C_BNSLoss_weight": 0.01, "FDDA_iter": 1,
     "BNLoss_weight": 0.2,
-    "iters_per_epoch": 200, "unfreeze_epochs": 4, "correct_set_epoch": 4, "test_start_epoch": 49,
+    "iters_per_epoch": 200, "unfreeze_epochs": 4, "correct_set_epoch": 4, "test_start_epoch": -1,
     "test_teacher": True, "test_batchSize": 32, "cosine_epochs": 100, "dbns_mean_std": 0.5, "dbns_var_std": 1.0,
     "ccbn_eps": 0.8, "clip_ste": False,
 }
@@ -108,11 +108,14 @@ class Option:
         for k in POSITIVE:
             if getattr(self, k) < 1:
                 raise UserError(f"{k} = {getattr(self, k)} must be at least 1")
-        for k in ("warmup_epochs", "unfreeze_epochs", "correct_set_epoch", "test_start_epoch", "nThreads",
+        for k in ("warmup_epochs", "unfreeze_epochs", "correct_set_epoch", "nThreads",
                   "manualSeed", "GPU", "lr_S", "lr_G", "lr", "weightDecay", "BNLoss_weight", "D_BNSLoss_weight",
                   "C_BNSLoss_weight", "alpha", "dbns_mean_std", "dbns_var_std"):
             if getattr(self, k) < 0:
                 raise UserError(f"{k} = {getattr(self, k)} must not be negative")
+        if self.test_start_epoch < -1:
+            raise UserError(f"test_start_epoch = {self.test_start_epoch} must be -1 (the original: from epoch "
+                            f"warmup_epochs - 1 on) or an epoch >= 0")
         for k, lo, hi in (("momentum", 0, 1), ("b1", 0, 1), ("b2", 0, 1), ("decayRate_G", 0, 1)):
             check_range(k + " =", getattr(self, k), lo=lo, hi=hi, hi_open=k in ("b1", "b2"))
         for k in ("temperature", "ccbn_eps"):

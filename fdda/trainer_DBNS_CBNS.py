@@ -107,12 +107,15 @@ class Trainer:
         """(DBNS, CE of the class batch, CBNS) for one sampled class."""
         s = self.settings
         c = self.sample_class(epoch)
-        z = torch.randn(s.batchSize, s.latent_dim, device=self.device)
-        labels = torch.randint(c, c + 1, (s.batchSize,), device=self.device)   # draws, as the original: same RNG stream
+        # drawn on the CPU and moved, as the original (`torch.randn(...).cuda()`): the same stream on any device
+        z = torch.randn(s.batchSize, s.latent_dim).to(self.device)
+        labels = torch.randint(c, c + 1, (s.batchSize,)).to(self.device)   # draws, as the original: same RNG stream
         out = self._teacher(self.generator(z, labels))
         mean, var = self.stats.mean, self.stats.var
         if epoch <= s.correct_set_epoch and c not in self.correct:
-            d = sum(F.mse_loss(m, torch.randn_like(m)) + F.mse_loss(v, torch.randn_like(v)) for m, v in zip(mean, var))
+            # CPU noise moved to the device, as the original's `torch.randn(shape).cuda()`
+            d = sum(F.mse_loss(m, torch.randn(v.shape).to(self.device)) + F.mse_loss(v, torch.randn(v.shape).to(self.device))
+                    for m, v in zip(mean, var))
             d_bns = 2.0 * d / len(mean)
             c_bns = torch.zeros((), device=self.device)
         else:
@@ -199,8 +202,8 @@ class Trainer:
         for i in progress(range(start, s.iters_per_epoch), desc=f"epoch {epoch + 1}/{s.nEpochs}"):
             if student_phase:
                 images, labels = self._real_batch()
-            z = torch.randn(s.batchSize, s.latent_dim, device=self.device)
-            G_labels = torch.randint(0, self.n_classes, (s.batchSize,), device=self.device)
+            z = torch.randn(s.batchSize, s.latent_dim).to(self.device)          # CPU draws, as the original
+            G_labels = torch.randint(0, self.n_classes, (s.batchSize,)).to(self.device)
             G_images = self.generator(z, G_labels)
             G_out_T = self._teacher(G_images)
             one_hot = F.cross_entropy(G_out_T, G_labels)

@@ -526,7 +526,13 @@ def test_trainer_matches_original():
         tr.cal_true_BNLoss = lambda e: (lambda r: (got.append(tuple(float(x.detach()) for x in r)), r)[1])(inner(e))
         random.seed(3)
         torch.manual_seed(3)
+        before = {k: v.clone() for k, v in tr.model.named_parameters()}
         m = tr.train(epoch)
+        moved = [k for k, v in tr.model.named_parameters() if not torch.equal(v, before[k])]
+        if warm == 0:     # student phase: the KD loss (KL >= 0 plus CE > 0) is positive and the student moves
+            assert m["loss_S"] > 0 and len(moved) > 0
+        else:             # warm-up: the student only runs forward (activation ranges), its weights stay
+            assert m["loss_S"] == 0 and moved == []
         # float32 convolutions of a 52-layer network differ in the last bits across CPUs (AVX2/AVX-512) and
         # BLAS builds; the losses are means of MSEs of O(1) values: 1e-4 relative covers that, while a wrong
         # class, noise draw or layer range changes them by far more (see the 0.0 vs 1.33 CBNS values)
