@@ -462,6 +462,18 @@ def commands_of(result):
     return list(dict.fromkeys(out))
 
 
+def _runs_text(result):
+    """The lines under a table: each row's command and run directory, then the runs behind seed statistics."""
+    out = []
+    cmds = commands_of(result)
+    if cmds:
+        out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
+    header, cells = seed_run_cells(result)
+    if cells:
+        out += ["", SEED_RUNS_TITLE, text_table(header, cells)]
+    return out
+
+
 def fmt_value_short(rec):
     """'92.3', or 'mean ±std n=3' for seed statistics (the range is in the row's note and the seed table)."""
     if rec is None:
@@ -531,12 +543,7 @@ def format_text(result, wide=False):
     out += notes
     out += [textwrap.fill(f"[{i}] {readable(result['paper'], note)}", 110, subsequent_indent="    ")
             for i, note in footnotes_of(result)[1]]
-    cmds = commands_of(result)
-    if cmds:
-        out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
-    header, cells = seed_run_cells(result)
-    if cells:
-        out += ["", SEED_RUNS_TITLE, text_table(header, cells)]
+    out += _runs_text(result)
 
     def measured(r):
         return (r.get("model"), r.get("dataset"), r.get("setting"), r.get("metric"), fmt_value_short(r),
@@ -564,12 +571,7 @@ def format_wide(result):
         out.append("(no published numbers; see the notes in common/published/%s.json)" % result["paper"])
     for i, note in footnotes_of(result)[1]:
         out.append(f"[{i}] {readable(result['paper'], note)}")
-    cmds = commands_of(result)
-    if cmds:
-        out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
-    header, cells = seed_run_cells(result)
-    if cells:
-        out += ["", SEED_RUNS_TITLE, text_table(header, cells)]
+    out += _runs_text(result)
     if measured_only:
         out += ["", "measured only (no published counterpart):", text_table(MEASURED_HEADER, measured_only)]
     if shortened:

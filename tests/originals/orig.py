@@ -118,3 +118,30 @@ def params_equal(a, b):
     return [k for k in a if not torch.equal(a[k].view(-1).view(torch.uint8) if a[k].is_floating_point()
                                             else a[k], b[k].view(-1).view(torch.uint8)
                                             if b[k].is_floating_point() else b[k])]
+
+
+def mnist_batches(n, batch, mean, std, seed=0):
+    """n learnable MNIST-shaped batches normalised with the script's (mean, std): class c is a bright band
+    at rows 2c..2c+3 on dark noise, so the loss falls within a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.randint(0, 10, (batch,), generator=g)
+        x = torch.randint(0, 60, (batch, 1, 28, 28), generator=g).float()
+        for i, c in enumerate(y.tolist()):
+            x[i, 0, 2 * c:2 * c + 3, 4:24] = 255
+        out.append(((x / 255 - mean) / std, y))
+    return out
+
+
+class RecordingLoss(torch.nn.CrossEntropyLoss):
+    """CrossEntropyLoss that keeps every loss value it returns (each side calls it once per step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = []
+
+    def forward(self, output, target):
+        loss = super().forward(output, target)
+        self.values.append(loss.detach().clone())
+        return loss

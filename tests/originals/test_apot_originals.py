@@ -17,24 +17,13 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
 
 from tests.originals import orig
 
 STEPS = 20
 
 
-class RecordingLoss(nn.CrossEntropyLoss):
-    """CrossEntropyLoss that keeps every loss value it returns (both sides call it once per step)."""
-
-    def __init__(self):
-        super().__init__()
-        self.values = []
-
-    def forward(self, output, target):
-        loss = super().forward(output, target)
-        self.values.append(loss.detach().clone())
-        return loss
+RecordingLoss = orig.RecordingLoss
 
 
 class NullLog:
@@ -49,17 +38,8 @@ class NullLog:
 
 
 def mnist_batches(n, batch, seed=0):
-    """MNIST-shaped batches normalised like the original's loader (mean 0.131, std 0.308), learnable: class c
-    is a bright band at rows 2c..2c+3 on dark noise, so the loss falls within a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        y = torch.randint(0, 10, (batch,), generator=g)
-        x = torch.randint(0, 60, (batch, 1, 28, 28), generator=g).float()
-        for i, c in enumerate(y.tolist()):
-            x[i, 0, 2 * c:2 * c + 3, 4:24] = 255
-        out.append(((x / 255 - 0.131) / 0.308, y))
-    return out
+    """Learnable MNIST-shaped batches normalised as the script does (mean 0.131, std 0.308)."""
+    return orig.mnist_batches(n, batch, 0.131, 0.308, seed)
 
 
 MNIST_QL = [("data = data.clamp(-1, 1)", "data = _old_clamp(data, -1, 1)", 2),
