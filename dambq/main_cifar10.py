@@ -18,6 +18,7 @@ import glob
 import itertools
 import os
 import re
+import sys
 import time
 
 import torch
@@ -167,6 +168,11 @@ def parse_args(argv=None):
         raise UserError(f"--name {args.name!r} must be a plain directory name (it goes under --checkpoint-dir)")
     if args.overwrite and args.continue_run is not None:
         raise UserError("--overwrite replaces a run and --continue continues one: pass only one of them")
+    given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+    targets = [f for f in ("--wgt-target", "--act-target") if f in given]
+    if targets and not args.quantize:
+        raise UserError(f"{' and '.join(targets)} set the quantized bit targets, but without --quantize the run "
+                        f"trains and records the float model: add --quantize")
     if args.half and not torch.cuda.is_available():
         raise UserError("--half needs a CUDA device (half-precision convolutions are not supported on CPU here)")
     return args

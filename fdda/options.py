@@ -7,6 +7,7 @@ the shipped file; a test keeps them equal), including the ones the original hid 
 value of the wrong type or a file that does not parse is one UserError line.
 """
 import argparse
+import math
 import os
 
 from common.checks import check_range
@@ -111,8 +112,12 @@ class Option:
         for k in ("warmup_epochs", "unfreeze_epochs", "correct_set_epoch", "nThreads",
                   "manualSeed", "GPU", "lr_S", "lr_G", "lr", "weightDecay", "BNLoss_weight", "D_BNSLoss_weight",
                   "C_BNSLoss_weight", "alpha", "dbns_mean_std", "dbns_var_std"):
-            if getattr(self, k) < 0:
-                raise UserError(f"{k} = {getattr(self, k)} must not be negative")
+            v = getattr(self, k)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{k} = {v} is not a finite number")
+            if v < 0:
+                raise UserError(f"{k} = {v} must not be negative")
+
         if self.test_start_epoch < -1:
             raise UserError(f"test_start_epoch = {self.test_start_epoch} must be -1 (the original: from epoch "
                             f"warmup_epochs - 1 on) or an epoch >= 0")
