@@ -3,8 +3,9 @@
 #   python main.py --arch <ARCH> --bit <BIT> --epochs 25 [--power 0] --seed <SEED>
 # (batch 128, lr 0.01, wd 1e-4: main.py's defaults, as in the README). Each run is runs/apot/<name>/ with
 # name mnist-<arch>_<bit>bit[_uniform]-seed<SEED> (plus -e<EPOCHS> for a shortened run, which its records
-# say is shortened). A finished run (its records.jsonl exists) is skipped, an interrupted one is resumed
-# from its checkpoint.pth, so rerunning the same command continues where it stopped.
+# say is shortened). A finished run (its records.jsonl exists, or its records are committed under
+# results/reference/apot/) is skipped, an interrupted one is resumed from its checkpoint.pth, so rerunning
+# the same command continues where it stopped.
 #   ARCH    architectures (default "resnet10 resnet18")
 #   BITS    bit-widths (default "2 3 4 5")      POWERS  1 = APoT, 0 = uniform (default "1 0")
 #   SEEDS   seeds (default "1 2 3")             EPOCHS  epochs per run (default 25, the README's)
@@ -32,6 +33,9 @@ one() {  # one <arch> <bit> <power> <seed>: run, resume or skip one setting
     name="mnist-${tag}-seed${seed}"; [ "$EPOCHS" != 25 ] && name+="-e${EPOCHS}"
     dir="$RUNS/apot/$name"
     if [ -s "$dir/records.jsonl" ]; then echo "== $name: finished, skipped"; return 0; fi
+    # a run already committed as a reference result (another machine or session made it) is not redone
+    if grep -qs "\"run_dir\": \"runs/apot/$name\"" "../../results/reference/apot/mnist-$arch.jsonl"; then
+        echo "== $name: in results/reference/apot/mnist-$arch.jsonl, skipped"; return 0; fi
     local cmd=("$PY" main.py --arch "$arch" --bit "$bit" --epochs "$EPOCHS" --seed "$seed" --data "$DATA")
     [ "$power" = 0 ] && cmd+=(--power 0)
     if [ -f "$dir/checkpoint.pth" ]; then cmd+=(--resume "$dir/checkpoint.pth"); echo "== $name: resuming"
