@@ -3,10 +3,20 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# `make reproduce-*` data/checkpoint roots; ../shared/... is only the developers' reference copy.
-DATA   ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
+# `make reproduce-*` data root: the scripts' own rule, $QUANTLAB_DATA, else ./data (a root holding MNIST/,
+# cifar10/ or cifar-10-batches-py/, ...). Developers with ../shared beside the checkout: QUANTLAB_DATA=../shared/data.
+DATA   ?= $(abspath $(or $(QUANTLAB_DATA),data))
 EPOCHS ?=
-export DATA EPOCHS
+# SMOKE=1 make reproduce-<paper>: the same short form for every pipeline (a few iterations per stage, recorded
+# as shortened, never shown as a reproduction); each paper's own knobs are what it turns into:
+SMOKE  ?=
+SMOKE_STAMP := $(shell date +%Y%m%d-%H%M%S)
+ifeq ($(SMOKE),1)
+SMOKE_ALQ    := QUANTLAB_RUNS="$(CURDIR)/runs/alq-smoke-$(SMOKE_STAMP)" ALQ_ARGS="--train_limit 1000 --pretrain_epochs 1 --R 1 --epoch_basis 1 --epoch_coord 1 --post_epochs 1 1"
+SMOKE_DAMBQ  := EPOCHS=1 DAMBQ_ITERS=2 RUNS="$(CURDIR)/runs/dambq-smoke-$(SMOKE_STAMP)"
+SMOKE_ALIGNQ := EPOCHS=1 ITERS=2 OUT="$(CURDIR)/runs/alignq-smoke-$(SMOKE_STAMP)"
+endif
+export DATA EPOCHS SMOKE
 # Tests use small tensors and run scripts in subprocesses: one torch thread each (unless set) avoids OpenMP
 # oversubscription, which made the suite several times slower on a shared 2-core machine.
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
@@ -57,13 +67,13 @@ reproduce-apot: setup ## APoT: published checkpoints, MNIST README recipe (SEEDS
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash apot/reproduce.sh
 
 reproduce-alq: setup ## ALQ: LeNet5 --PRETRAIN --ALQ --POSTTRAIN on MNIST (DATA=), export, compare
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alq/reproduce.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SMOKE_ALQ) bash alq/reproduce.sh
 
 reproduce-dambq: setup ## DAMBQ: CIFAR-10 ResNet-20 float -> W4A4 -> W2.0A2.0 (DATA=, EPOCHS=), compare
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash dambq/reproduce.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SMOKE_DAMBQ) bash dambq/reproduce.sh
 
 reproduce-alignq: setup ## AlignQ: FP32 pretrain -> 8-bit CDF-aligned ResNet-20 on CIFAR-10 (DATA=, EPOCHS=), compare
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alignq/reproduce.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(SMOKE_ALIGNQ) bash alignq/reproduce.sh
 
 pretrain-alignq: setup ## AlignQ: FP32 ResNet-20 CIFAR-10 source model of README #1 (DATA=, EPOCHS=)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash alignq/pretrain.sh resnet-20-cifar-10

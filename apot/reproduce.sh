@@ -10,9 +10,12 @@
 #   3. train the CIFAR-10 ResNet-20 progressive recipe 32 -> 4 -> 3 -> 2 bits (CIFAR10/train_res20.sh,
 #      EPOCHS per stage, default 300 as published), whose results are recorded last so `compare` shows them;
 #   4. print published vs measured (python -m common.compare apot).
-# Environment: EPOCHS, DATA (default ../shared/data if present, else ./data), CKPT (the published checkpoints,
+# Environment: EPOCHS, DATA (default $QUANTLAB_DATA, else ./data), CKPT (the published checkpoints,
 # see apot/README.md), OUT (training output, default runs/apot/reproduce-res20-<time>/ holding one run directory
 # per stage), PYTHON, RESUME=1 (continue the newest reproduction's interrupted stages), SKIP_TRAIN=1, SKIP_CKPT=1,
+# SMOKE=1 (a check that the pipeline runs, ~2-3 min on a 2-core CPU: the 4-bit CIFAR-10 checkpoint, one
+# ResNet-10 2-bit MNIST run and the four CIFAR-10 stages, 1 epoch of MAX_ITERS (default 5) iterations each,
+# in a new runs/apot-smoke-<time>/ folder; recorded as shortened, never shown as a reproduction),
 # APOT_THREADS=N (torch CPU threads; unset = torch's default. On a shared 2-core machine 1 is often faster,
 # because OpenMP threads spin while another job holds the other core).
 set -euo pipefail
@@ -20,11 +23,18 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
 if [ -n "${APOT_THREADS:-}" ]; then export OMP_NUM_THREADS=$APOT_THREADS MKL_NUM_THREADS=$APOT_THREADS; fi
+RUNS=${QUANTLAB_RUNS:-$ROOT/runs}
+CKPT_BITS="32 4 3 2" MNIST_CKPTS=1
+if [ "${SMOKE:-0}" = 1 ]; then
+    EPOCHS=1 CKPT_BITS=4 MNIST_CKPTS=0
+    export MAX_ITERS=${MAX_ITERS:-5} ARCH=${ARCH:-resnet10} BITS=${BITS:-2} POWERS=${POWERS:-1} SEEDS=${SEEDS:-1}
+    RUNS="$RUNS/apot-smoke-$(date +%Y%m%d-%H%M%S)"
+    export QUANTLAB_RUNS=$RUNS
+    echo "== SMOKE: 1 epoch of $MAX_ITERS iterations per stage, output $RUNS (recorded as shortened)"
+fi
 MNIST_EPOCHS=${EPOCHS:-25}
 EPOCHS=${EPOCHS:-300}
-if [ -z "${DATA:-}" ]; then
-    if [ -d ../shared/data ]; then DATA=../shared/data; else DATA=./data; fi
-fi
+DATA=${DATA:-${QUANTLAB_DATA:-./data}}
 CKPT=${CKPT:-../shared/checkpoints/apot}
 abspath() { if [ -e "$1" ]; then (cd "$1" && pwd); else echo "$1"; fi; }
 DATA=$(abspath "$DATA")
@@ -32,7 +42,6 @@ CKPT=$(abspath "$CKPT")
 # CIFAR-10 under DATA/cifar10 (the shared layout) or DATA itself (torchvision's cifar-10-batches-py)
 if [ -d "$DATA/cifar10" ]; then CIFAR=$DATA/cifar10; else CIFAR=$DATA; fi
 # Each reproduction trains into its own folder (no run overwrites another); RESUME=1 continues the newest.
-RUNS=${QUANTLAB_RUNS:-$ROOT/runs}
 if [ -z "${OUT:-}" ]; then
     last=$(ls -d "$RUNS"/apot/reproduce-res20-* 2>/dev/null | tail -1 || true)
     if [ "${RESUME:-0}" = 1 ] && [ -n "$last" ]; then OUT=$last
@@ -50,13 +59,13 @@ cat <<MSG
 MSG
 
 if [ "${SKIP_CKPT:-0}" != 1 ] && [ -d "$CKPT" ]; then
-    for bit in 32 4 3 2; do
+    for bit in $CKPT_BITS; do
         f="$CKPT/cifar10/res20_${bit}bit/model_best.pth.tar"
         [ -f "$f" ] || { echo "skip: $f not found"; continue; }
         echo "== published CIFAR-10 res20 ${bit}-bit checkpoint"
         (cd apot/CIFAR10 && "$PY" main.py -a res20 --bit "$bit" -e --resume "$f" --data "$CIFAR" | grep -v '^clipping threshold')
     done
-    for bit in 2 3 4 5; do
+    for bit in $([ "$MNIST_CKPTS" = 1 ] && echo 2 3 4 5); do
         for kind in "" _uniform; do
             f="$CKPT/mnist/resnet10_${bit}bit${kind}/model_best.pth.tar"
             [ -f "$f" ] || { echo "skip: $f not found"; continue; }

@@ -6,7 +6,7 @@ is read or any model is built.
     check_range("--pr", args.pr, lo=0, hi=1)
     check_writable_dir(save_dir, "--save-dir")
     check_writable_file(args.model_ori, "--model_ori")
-    check_results_writable()          # RESULTS_DIR / results/
+    check_results_writable()          # QUANTLAB_RESULTS / results/
 """
 import math
 import os
@@ -90,10 +90,10 @@ def check_writable_file(path, flag):
 
 
 def check_results_writable():
-    """The results directory (RESULTS_DIR or results/) accepts records: checked before any work."""
-    from common.results import results_dir
+    """The results directory (QUANTLAB_RESULTS, RESULTS_DIR or results/) accepts records: checked before any work."""
+    from common.results import results_dir, results_env
     d = results_dir()
-    flag = "RESULTS_DIR" if os.environ.get("RESULTS_DIR") else "results directory"
+    flag = results_env()[0] or "results directory"
     check_writable_dir(d, flag)
     return d
 

@@ -10,7 +10,7 @@ such (`--include-shortened` pairs them, marked). Several seeds of the same setti
 Two sources of records, shown side by side:
   reference   results/reference/<paper>/*.jsonl, committed: what this project measured (full recipes,
               published-checkpoint evaluations), with command, commit, machine, seed and wall time;
-  local       results/<paper>.jsonl (ignored by git; `RESULTS_DIR` or `--results-dir` moves it), written
+  local       results/<paper>.jsonl (ignored by git; `QUANTLAB_RESULTS` or `--results-dir` moves it), written
               by common.results.record on this machine.
 A line that is not a valid record is skipped with a warning naming file:line.
 
@@ -22,6 +22,8 @@ paper, `results/compare_<paper>.png` (axes from zero, measured rows only).
 """
 import argparse
 import json
+import csv
+import io
 import math
 import os
 import re
@@ -638,25 +640,33 @@ CHART_UNITS = {"top1": " pts", "avg_bits": " bit", "storage_KB": " KB"}
 
 
 def chart_groups(result):
-    """Per metric: [(label, published, measured, error, split differs)] for the rows that have a measurement,
-    and the number of published rows not measured yet."""
-    per_metric, not_measured = {}, 0
+    """Per metric: [(label, published, measured, error, split differs, seed values)] for the rows that have a
+    measurement, and the labels of the published rows not measured yet. The same number published twice (a
+    README row and the value its checkpoint stores, equal to two decimals) is drawn once, as the terminal
+    table shows it once."""
+    per_metric, missing, shown = {}, [], []
     keys = [key_of(e["published"]) for e in result["rows"]]
     for entry in result["rows"]:
         p, rec = entry["published"], entry["record"]
+        if any(key_of(q) == key_of(p) and q["split"] == p["split"] and abs(q["value"] - p["value"]) <= 0.005 + 1e-9
+               for q in shown):
+            continue
+        shown.append(p)
         if rec is None:
-            not_measured += 1
+            missing.append(f"{p['model']} {p['setting']} {p['dataset']}")
             continue
         differs = any(n.startswith("split differs") for n in entry["notes"])
         label = f"{p['model']} {p['setting']} {p['dataset']}"
-        if keys.count(key_of(p)) > 1:             # the same setting published in two places
+        twins = [q for q in result["rows"] if key_of(q["published"]) == key_of(p)
+                 and abs(q["published"]["value"] - p["value"]) > 0.005 + 1e-9]
+        if keys.count(key_of(p)) > 1 and twins:   # the same setting published twice with other numbers
             label += f" [{readable(result['paper'], short_source(p['source']))[:40]}]"
         if differs:
             label += f"\n(published on {p['split']}, measured on {rec.get('split')})"
         seeds = [r["value"] for r in (rec.get("_seeds") or {}).get("runs", [])]
         per_metric.setdefault(p["metric"], []).append((label, p["value"], rec["value"], _se_of(rec), differs,
                                                        seeds))
-    return per_metric, not_measured
+    return per_metric, missing
 
 
 def layer_rows(result):
@@ -686,7 +696,8 @@ def plot_paper(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_metric, not_measured = chart_groups(result)
+    per_metric, missing = chart_groups(result)
+    not_measured = len(missing)
     panels = [(m, label) for m, label in CHART_METRICS if per_metric.get(m)]
     layers = layer_rows(result) if panels else []
     if layers:
@@ -701,7 +712,10 @@ def plot_paper(result, path):
         plt.close(fig)
         return {"bars": 0, "panels": [], "not_measured": not_measured}
     n = max([len(per_metric[m]) for m, _ in panels if m in per_metric] + [len(layers)])
-    height = 1.8 + 0.5 * n
+    # the rows not measured yet are listed under the plot, not drawn
+    listed = textwrap.fill("not measured yet: " + ", ".join(missing), 150) if missing else ""
+    foot = 0.45 + 0.14 * (listed.count("\n") + 1 if listed else 0)
+    height = 1.35 + foot + 0.5 * n
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 3.5, height), squeeze=False)
     for ax, (metric, xlabel) in zip(axes[0], panels):
         if metric == "layer_bits":
@@ -717,7 +731,7 @@ def plot_paper(result, path):
                         color="tab:orange", mfc="white" if differs else "tab:orange", capsize=3, markersize=6)
             if seeds:                             # each seed's run as a dot
                 ax.plot([v - pub for v in seeds], [y + 0.18] * len(seeds), "k.", markersize=4)
-            ax.text(reach, y, f" {fmt(pub)} -> {fmt(rep)} ({gap:+.2f}{unit})", va="center", fontsize=7)
+            ax.text(reach, y, f" {pub:.2f} -> {rep:.2f} ({gap:+.2f}{unit})", va="center", fontsize=7)
         ax.axvline(0.0, color="tab:blue", linewidth=1)
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels([g[0] for g in groups], fontsize=7)
@@ -730,10 +744,13 @@ def plot_paper(result, path):
     handles = [plt.Line2D([], [], color="tab:blue"), plt.Line2D([], [], marker="o", color="tab:orange", ls=""),
                plt.Line2D([], [], marker="o", color="tab:orange", mfc="white", ls="")]
     labels = ["published (zero gap)", "measured", "measured on another split than published"]
-    rest = f"; {not_measured} more published rows not measured yet" if not_measured else ""
+    rest = f"; {not_measured} more published rows not measured yet (listed below)" if not_measured else ""
     fig.suptitle(f"{result['paper']}: measured minus published{rest}", x=0.01, ha="left", fontsize=10)
-    fig.legend(handles=handles, labels=labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.45 / height))   # title and legend in fixed inches
+    fig.legend(handles=handles, labels=labels, loc="lower center", ncol=3, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, (foot - 0.4) / height))
+    if listed:
+        fig.text(0.01, 0.08 / height, listed, ha="left", va="bottom", fontsize=7, color="0.3")
+    fig.tight_layout(rect=(0, foot / height, 1, 1 - 0.45 / height))   # title, legend and list in fixed inches
     fig.savefig(path, dpi=100)
     drawn = [(metric, tuple(ax.get_xlim())) for ax, (metric, _) in zip(axes[0], panels)]
     plt.close(fig)
@@ -761,12 +778,87 @@ def _plot_layers(ax, layers, xlabel):
 # ----------------------------------------------------------------------------- main
 
 REFERENCE_TABLE = os.path.join(REPO_ROOT, "results", "reference", "RESULTS.md")
+CSV_HEADER = ("paper", "model", "dataset", "setting", "metric", "published", "published_split", "source",
+              "measured", "std", "n_seeds", "min", "max", "n_samples", "measured_split", "delta", "recipe", "notes")
 
 
-def reference_table():
+def reference_results():
+    """compare_paper of every paper over the committed reference records alone (no local records)."""
+    return [compare_paper(p, records=[], reference=load_reference(p, REFERENCE_DIR)) for p in PAPERS]
+
+
+def reference_table(results=None):
     """The markdown of the committed reference results alone: what a fresh clone shows without running."""
-    return format_markdown([compare_paper(p, records=[], reference=load_reference(p, REFERENCE_DIR)) for p in PAPERS],
-                           reference_only=True, charts=False)
+    return format_markdown(results or reference_results(), reference_only=True)
+
+
+def results_csv(results):
+    """One CSV line per published row: published value, measured mean (± std, n seeds, range), delta."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    num = lambda v: "" if v is None else f"{v:.4f}".rstrip("0").rstrip(".")   # noqa: E731
+    for result in results:
+        for entry in result["rows"]:
+            p, rec = entry["published"], entry["record"]
+            st = (rec or {}).get("_seeds") or {}
+            w.writerow((result["paper"], p["model"], p["dataset"], p["setting"], p["metric"], num(p["value"]),
+                        p.get("split", ""), short_source(p["source"]),
+                        num(rec["value"]) if rec else "", num(st.get("std")), st.get("n", 1 if rec else 0),
+                        num(st.get("min")), num(st.get("max")), (rec or {}).get("n_samples", ""),
+                        (rec or {}).get("split", ""), num(entry["delta"]), recipe_text(rec) if rec else "not run",
+                        "; ".join(entry["notes"])))
+    return buf.getvalue()
+
+
+README = os.path.join(REPO_ROOT, "README.md")
+SUMMARY_MARKS = ("<!-- reference summary: written by make reference-table -->", "<!-- end of reference summary -->")
+
+
+def summary_table(results):
+    """Markdown: per paper, the published rows, how many have a committed reference measurement, of what, and
+    with how many seeds (the README's five-line summary, regenerated with RESULTS.md)."""
+    out = ["| paper | published rows | with a reference measurement | measured (model dataset: rows) | seeds per row |",
+           "|---|---|---|---|---|"]
+    for result in results:
+        rows = result["rows"]
+        done = [e for e in rows if e["record"] is not None]
+        what = {}
+        for e in done:
+            k = f"{e['published']['model']} {e['published']['dataset']}"
+            what[k] = what.get(k, 0) + 1
+        seeds = sorted({(e["record"].get("_seeds") or {}).get("n", 1) for e in done})
+        out.append(f"| {result['paper']} | {len(rows)} | {len(done)} | "
+                   + (", ".join(f"{k}: {n}" for k, n in what.items()) or "none yet") + " | "
+                   + ("-" if not seeds else f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}") + " |")
+    return "\n".join(out)
+
+
+def readme_with_summary(text, results):
+    """`text` (the README) with the block between SUMMARY_MARKS replaced by summary_table(results)."""
+    start, end = SUMMARY_MARKS
+    if start not in text or end not in text:
+        raise UserError(f"README.md lacks the reference summary markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + summary_table(results) + "\n" + end + rest.split(end, 1)[1]
+
+
+def write_reference(md_path=REFERENCE_TABLE):
+    """results/reference/RESULTS.md, results.csv and compare_<paper>.png from the committed records only."""
+    results = reference_results()
+    d = os.path.dirname(os.path.abspath(md_path))
+    with open(md_path, "w") as f:
+        f.write(reference_table(results))
+    with open(os.path.join(d, "results.csv"), "w") as f:
+        f.write(results_csv(results))
+    for result in results:
+        plot_paper(result, os.path.join(d, f"compare_{result['paper']}.png"))
+    if md_path == REFERENCE_TABLE:
+        with open(README) as f:
+            text = f.read()
+        with open(README, "w") as f:
+            f.write(readme_with_summary(text, results))
+    return d
 
 
 def main(argv=None):
@@ -774,7 +866,7 @@ def main(argv=None):
     parser.add_argument("papers", nargs="*", metavar="paper", help=f"any of {', '.join(PAPERS)} (default: all)")
     parser.add_argument("--results-dir", default=None,
                         help="where results/<paper>.jsonl live and RESULTS.md and charts go "
-                             "(default: $RESULTS_DIR or results/)")
+                             "(default: $QUANTLAB_RESULTS or results/)")
     parser.add_argument("--no-write", action="store_true", help="only print; do not write RESULTS.md or charts")
     parser.add_argument("--include-shortened", action="store_true",
                         help="also pair records of shortened recipes (smoke runs), marked SHORTENED")
@@ -788,9 +880,8 @@ def main(argv=None):
         check_paper(p)
     directory = args.results_dir or results_dir()
     if args.reference_table:
-        with open(args.reference_table, "w") as f:
-            f.write(reference_table())
-        print(f"wrote {args.reference_table}")
+        d = write_reference(args.reference_table)
+        print(f"wrote {args.reference_table}, results.csv and compare_<paper>.png in {d}")
         return
 
     results = {p: compare_paper(p, directory=directory, include_shortened=args.include_shortened)

@@ -38,6 +38,15 @@ OFFICE31_DOMAINS = ("amazon", "dslr", "webcam")
 OFFICE31_SIZES = {"amazon": 2817, "dslr": 498, "webcam": 795}
 
 
+DATA_ENV = "QUANTLAB_DATA"
+
+
+def data_root(fallback="./data"):
+    """Every script's default data root: $QUANTLAB_DATA, else ./data (one rule for the scripts and the Makefile).
+    A data root may hold several datasets side by side (MNIST/, cifar10/ or cifar-10-batches-py/, ...)."""
+    return os.environ.get(DATA_ENV) or fallback
+
+
 # ---------------------------------------------------------------------------------------------
 # Datasets
 
@@ -382,7 +391,8 @@ def _cifar_folders(src, d):
 
 
 def cifar10(root, train=True, transform=None, download=False, flag="--data"):
-    """CIFAR-10 from `cifar-10-batches-py/` (under `root` or `root` itself) or `root/{train,test}/<class>/*.png`.
+    """CIFAR-10 from `cifar-10-batches-py/` (under `root` or `root` itself) or `root/{train,test}/<class>/*.png`,
+    either of them also under `root/cifar10/` (a data root holding several datasets).
 
     Class folders are indexed in sorted order (= airplane..truck) and images ordered by the number in
     their name (the official order). `.data` is a uint8 N×32×32×3 numpy array, `.targets` a list of ints.
@@ -391,11 +401,12 @@ def cifar10(root, train=True, transform=None, download=False, flag="--data"):
     src = _Source("CIFAR-10", root, "cifar-10-batches-py/ or train/<class>/*.png + test/<class>/*.png", flag)
 
     def find():
-        for d in (os.path.join(root, "cifar-10-batches-py"), root):
-            if any(os.path.isfile(os.path.join(d, n)) for n in ("data_batch_1", "test_batch", "batches.meta")):
-                return "batches", d
-        if os.path.isdir(os.path.join(root, split)):
-            return "folders", os.path.join(root, split)
+        for base in (root, os.path.join(root, "cifar10")):
+            for d in (os.path.join(base, "cifar-10-batches-py"), base):
+                if any(os.path.isfile(os.path.join(d, n)) for n in ("data_batch_1", "test_batch", "batches.meta")):
+                    return "batches", d
+            if os.path.isdir(os.path.join(base, split)):
+                return "folders", os.path.join(base, split)
         return None
 
     kind, d = _locate(src, find, _tv_download("CIFAR10", download, root=root, train=train))
@@ -499,7 +510,8 @@ def _flat_val_labels(src, labels_path, files, classes):
 
 
 def imagenet(root, split="train", transform=None, val_labels=None, flag="--data"):
-    """ImageNet as ImageFolder: `<root>/train/<wnid>/*.JPEG`, `<root>/val/<wnid>/*.JPEG` (PIL loading).
+    """ImageNet as ImageFolder: `<root>/train/<wnid>/*.JPEG`, `<root>/val/<wnid>/*.JPEG` (PIL loading), or the
+    same under `<root>/imagenet/`.
 
     Labels are indices into the sorted wnids of `train/` when it exists (so a partial val/ still
     matches a 1000-way model), else of the split's own folders.
@@ -515,6 +527,8 @@ def imagenet(root, split="train", transform=None, val_labels=None, flag="--data"
     if split not in ("train", "val"):
         raise UserError(f"unknown ImageNet split {split!r}: choose train or val")
     root = _root(root)
+    if not os.path.isdir(os.path.join(root, split)) and os.path.isdir(os.path.join(root, "imagenet", split)):
+        root = os.path.join(root, "imagenet")        # a data root holding several datasets
     d = os.path.join(root, split)
     src = _Source("ImageNet", root, "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (ImageFolder), "
                                     "or a flat val/*.JPEG plus a val labels file", flag)

@@ -1,4 +1,5 @@
-"""Result records: one JSON line per evaluation in `results/<paper>.jsonl` (`RESULTS_DIR` overrides).
+"""Result records: one JSON line per evaluation in `results/<paper>.jsonl` (`QUANTLAB_RESULTS` moves it; the
+older name `RESULTS_DIR` is still accepted).
 
     record("apot", model="resnet20", dataset="cifar10", split="test[:1000]", setting="W4A4",
            metric="top1", value=92.1, n_samples=1000)
@@ -63,8 +64,19 @@ def host_info():
     return f"{platform.node()} ({cpu_name()})"
 
 
+RESULTS_ENV = ("QUANTLAB_RESULTS", "RESULTS_DIR")     # the first one set wins; RESULTS_DIR is the older name
+
+
+def results_env():
+    """(variable, value) of the environment variable that moves results/, or (None, None)."""
+    for k in RESULTS_ENV:
+        if os.environ.get(k):
+            return k, os.environ[k]
+    return None, None
+
+
 def results_dir():
-    return os.environ.get("RESULTS_DIR") or os.path.join(REPO_ROOT, "results")
+    return results_env()[1] or os.path.join(REPO_ROOT, "results")
 
 
 def record(paper, model, dataset, split, setting, metric, value, n_samples, extra=None, script=None,

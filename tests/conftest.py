@@ -28,7 +28,9 @@ def require_shared(*parts):
 def _isolated_results_session(tmp_path_factory):
     """The same for module- and session-scoped fixtures (they run before the per-test fixture below)."""
     keys = ("RESULTS_DIR", "QUANTLAB_RUNS", "QUANTLAB_REFERENCE")
-    saved = {k: os.environ.get(k) for k in keys}
+    saved = {k: os.environ.get(k) for k in keys + ("QUANTLAB_RESULTS",)}
+    # the tests move results with the older name RESULTS_DIR; QUANTLAB_RESULTS (which would win) is unset
+    os.environ.pop("QUANTLAB_RESULTS", None)
     base = tmp_path_factory.mktemp("session-results")
     for k, sub in zip(keys, ("results", "runs", "reference")):
         os.environ[k] = str(base / sub)
@@ -44,6 +46,7 @@ def _isolated_results_session(tmp_path_factory):
 def _isolated_results(tmp_path, monkeypatch):
     """Every test writes its result records, run directories and reference results into a temp dir, never
     into the repository's results/ or runs/; a run a test leaves open is closed after it."""
+    monkeypatch.delenv("QUANTLAB_RESULTS", raising=False)
     monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("QUANTLAB_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("QUANTLAB_REFERENCE", str(tmp_path / "reference"))

@@ -427,3 +427,21 @@ def test_resume_continues_exactly(tmp_path):
     assert os.path.exists(tmp_path / "full" / "manifest.json") and os.path.exists(tmp_path / "full" / "log.txt")
     recs = [json.loads(line) for line in open(os.path.join(os.environ["RESULTS_DIR"], "apot.jsonl"))]
     assert [r["setting"] for r in recs] == ["W2A2"] * 3 and all(r["n_samples"] == 20 for r in recs)
+
+
+def test_max_iters_stops_the_epoch_and_is_recorded_as_a_limit():
+    """--max-iters N (smoke runs): train() does exactly N optimizer steps of the epoch, and the recipe says so."""
+    main = load_main()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(5)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    _, _, history = main.train(batches, model, F.cross_entropy, opt, 0, torch.device("cpu"), max_iters=2)
+    assert len(history) == 2 and len(steps) == 2
+    _, _, history = main.train(batches, model, F.cross_entropy, opt, 0, torch.device("cpu"), skip=1, max_iters=3)
+    assert len(history) == 2                          # batches 1 and 2 of a resumed epoch: the limit counts all
+    args = main.parser.parse_args(["--max-iters", "0"])
+    with pytest.raises(main.UserError, match="--max-iters 0"):
+        main.check_args(args)

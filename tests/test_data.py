@@ -206,7 +206,8 @@ def make_cifar_batches(d, per_batch=3, seed=0):
     return out
 
 
-@pytest.mark.parametrize("sub", ["cifar-10-batches-py", ""])
+# a data root holding several datasets has CIFAR-10 under cifar10/ (the shared layout)
+@pytest.mark.parametrize("sub", ["cifar-10-batches-py", "", "cifar10", "cifar10/cifar-10-batches-py"])
 def test_cifar10_batches_round_trip(tmp_path, sub):
     truth = make_cifar_batches(os.path.join(tmp_path, sub))
     train, test = data.cifar10(str(tmp_path), train=True), data.cifar10(str(tmp_path), train=False)

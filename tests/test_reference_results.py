@@ -86,3 +86,28 @@ def test_committed_results_table_is_current():
     with open(compare.REFERENCE_TABLE) as f:
         committed = f.read()
     assert committed == compare.reference_table(), "run `make reference-table` and commit results/reference/RESULTS.md"
+
+
+def test_committed_results_csv_and_charts_are_current():
+    """results/reference/results.csv is what `make reference-table` makes now, and every paper has its gap chart
+    beside RESULTS.md (the charts are regenerated with it; a PNG is not compared byte for byte, because
+    matplotlib's rendering differs between releases and fonts)."""
+    d = os.path.dirname(compare.REFERENCE_TABLE)
+    results = compare.reference_results()
+    with open(os.path.join(d, "results.csv")) as f:
+        assert f.read() == compare.results_csv(results), "run `make reference-table` and commit results/reference/"
+    with open(compare.REFERENCE_TABLE) as f:
+        md = f.read()
+    for p in compare.PAPERS:
+        png = os.path.join(d, f"compare_{p}.png")
+        assert f"](compare_{p}.png)" in md and os.path.getsize(png) < 300_000, p
+
+
+def test_readme_summary_is_current():
+    """The README's reference summary (rows published / measured per paper) is what `make reference-table`
+    writes from the committed records now."""
+    with open(compare.README) as f:
+        text = f.read()
+    assert text == compare.readme_with_summary(text, compare.reference_results()), \
+        "run `make reference-table` and commit README.md"
+    assert "| apot | 48 |" in text

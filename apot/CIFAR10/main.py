@@ -22,7 +22,7 @@ from common.checks import (check_resume_flags, check_results_writable, check_sgd
                            resume_flags)
 from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
                                save_checkpoint, strip_module_prefix, training_state)
-from common.data import cifar10
+from common.data import cifar10, data_root
 from common.devdata import DeviceSums
 from common.device import get_device, get_rng_state, seed_everything
 from common.errors import UserError, run_main
@@ -55,8 +55,9 @@ parser.add_argument('--init', help='initialize from a pre-trained full-precision
 parser.add_argument('-id', '--device', default=None, type=str,
                     help='gpu device(s), e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES; default 0 unless it is set)')
 parser.add_argument('--bit', default=4, type=int, help='the bit-width of the quantized network (2-5, 32 = float)')
-parser.add_argument('--data', default='./data', metavar='DIR',
-                    help='CIFAR-10 root: cifar-10-batches-py/ or train/<class>/*.png + test/<class>/*.png')
+parser.add_argument('--data', default=data_root(), metavar='DIR',
+                    help='CIFAR-10 root: cifar-10-batches-py/ or train/<class>/*.png + test/<class>/*.png, or '
+                         'those under cifar10/ (default: $QUANTLAB_DATA, else ./data)')
 parser.add_argument('--seed', default=None, type=int, help='random seed (default: drawn at random and logged)')
 parser.add_argument('-j', '--workers', default=2, type=int, metavar='N', help='data loading workers (default: 2)')
 parser.add_argument('--loader', default='device', choices=('device', 'torchvision'),
@@ -69,6 +70,8 @@ parser.add_argument('--save-dir', default='', metavar='DIR',
                          'result/<arch>_<bit>bit when the run finishes)')
 parser.add_argument('--name', default='', help='run name under runs/apot/ (default: flags + time stamp)')
 parser.add_argument('--overwrite', action='store_true', help='replace the run already in --save-dir/--name')
+parser.add_argument('--max-iters', default=None, type=int, metavar='N',
+                    help='stop every epoch after N training iterations (smoke runs; recorded as shortened)')
 PUBLISHED_EPOCHS = 300             # the original train_res20.sh: 300 epochs per stage
 
 
@@ -79,6 +82,8 @@ def check_args(args):
     if args.bit not in BITS:
         raise UserError(f"--bit {args.bit} is not supported; use 2, 3, 4, 5 or 32 (full precision)")
     check_sgd_flags(args, wd_flag='--weight-decay')
+    if args.max_iters is not None and args.max_iters < 1:
+        raise UserError(f"--max-iters {args.max_iters}: needs at least 1 iteration per epoch")
     check_results_writable()
 
 
@@ -160,11 +165,12 @@ def data_loaders(args, device):
 
 
 def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=100, log=None, skip=0,
-          on_interrupt=None, eta=None):
+          on_interrupt=None, eta=None, max_iters=None):
     """One epoch of SGD; returns (average loss, average top-1, list of per-iteration losses).
 
     skip: batches of this epoch already done (resume of an interrupted epoch); on_interrupt(i): after batch i,
-    when SIGINT/SIGTERM arrived, save a resumable checkpoint and stop (common.interrupt)."""
+    when SIGINT/SIGTERM arrived, save a resumable checkpoint and stop (common.interrupt); max_iters: stop the
+    epoch after that many batches (smoke runs)."""
     batch_time, data_time = AverageMeter('Time', ':.3f'), AverageMeter('Data', ':.3f')
     losses, top1 = AverageMeter('Loss', ':.4f'), AverageMeter('Prec', ':.3f')
     history = []
@@ -173,6 +179,8 @@ def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=10
     end = time.time()
     bar = progress(trainloader, desc=f'epoch {epoch}', total=len(trainloader))
     for i, (input, target) in enumerate(bar):
+        if max_iters is not None and i >= max_iters:
+            break
         if i < skip:
             continue
         data_time.update(time.time() - end)
@@ -319,7 +327,8 @@ def main(argv=None):
         return prec
 
     n_train = len(trainloader.dataset)
-    recipe = combine_recipes(recipe_info({'epochs': (args.epochs, PUBLISHED_EPOCHS), 'train images': (n_train, 50000)}),
+    recipe = combine_recipes(recipe_info({'epochs': (args.epochs, PUBLISHED_EPOCHS), 'train images': (n_train, 50000)},
+                                         limits={'max_iters': args.max_iters}),
                              *([init_recipe] if args.init or init_recipe else []))
     ident = identity('apot', MODELS[args.arch][1], bits=args.bit, scheme=expected(args)['scheme'], stage='train',
                      recipe=recipe, run_dir=os.path.abspath(fdir), init_recipe=init_recipe)
@@ -327,7 +336,7 @@ def main(argv=None):
     log = run.log
     log.info(f"=> {args.arch} {args.bit}-bit, {n_train} train / {n_test} test images, "
              f"epochs {start_epoch}..{args.epochs}, output {fdir}")
-    eta = runs.ETA(args.epochs, start_epoch, len(trainloader), say=log.info)
+    eta = runs.ETA(args.epochs, start_epoch, min(len(trainloader), args.max_iters or len(trainloader)), say=log.info)
 
     def state_at(epoch, **extra):
         return training_state(net, optimizer, scheduler, epoch=epoch, best=best_prec, best_prec=best_prec,
@@ -344,7 +353,7 @@ def main(argv=None):
             epoch_rng = get_rng_state()
             loss, train_prec, _ = train(trainloader, fwd, criterion, optimizer, epoch, device, args.print_freq,
                                         log, skip=skip if epoch == start_epoch else 0, on_interrupt=on_interrupt,
-                                        eta=eta)
+                                        eta=eta, max_iters=args.max_iters)
             prec, test_loss = validate(testloader, fwd, criterion, device, args.print_freq, log.info)
             scheduler.step()
             log.scalar('test_acc', prec, epoch)

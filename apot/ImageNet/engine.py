@@ -120,7 +120,10 @@ def train(loader, model, criterion, optimizer, epoch, args, log, device, step, m
     sums = DeviceSums(device, "loss", "acc1", "acc5")
     model.train()
     end = time.time()
+    max_iters = getattr(args, "max_iters", None)       # smoke runs: stop the epoch after that many batches
     for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch}", disable=not main_process or None)):
+        if max_iters is not None and i >= max_iters:
+            break
         if i < skip:
             continue
         data_time.update(time.time() - end)

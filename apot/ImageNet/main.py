@@ -42,8 +42,9 @@ parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="man
 parser.add_argument("-b", "--batch-size", default=1024, type=int, metavar="N",
                     help="mini-batch size (default: 1024), the total over all processes under torchrun")
 parser.add_argument("--bit", default=5, type=int, help="the bit-width of the quantized network (32: full precision)")
-parser.add_argument("--data", metavar="DATA_PATH", default="./data/",
-                    help="path to imagenet data with train/ and val/ (default: ./data/)")
+parser.add_argument("--data", metavar="DATA_PATH", default=cdata.data_root(),
+                    help="path to imagenet data with train/ and val/, or a root holding imagenet/ "
+                         "(default: $QUANTLAB_DATA, else ./data)")
 parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, metavar="LR", help="initial learning rate",
                     dest="lr")
 parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum")

@@ -47,8 +47,8 @@ parser.add_argument("--epochs", default=50, type=int, metavar="N",
 parser.add_argument("--start-epoch", default=0, type=int, metavar="N", help="manual epoch number")
 parser.add_argument("-b", "--batch-size", default=128, type=int, metavar="N", help="mini-batch size (default: 128)")
 parser.add_argument("--bit", default=5, type=int, help="the bit-width of the quantized network (32: full precision)")
-parser.add_argument("--data", metavar="DATA_PATH", default="./data/",
-                    help="MNIST root: <DATA>/MNIST/raw/*-ubyte (default: ./data/)")
+parser.add_argument("--data", metavar="DATA_PATH", default=cdata.data_root(),
+                    help="MNIST root: <DATA>/MNIST/raw/*-ubyte (default: $QUANTLAB_DATA, else ./data)")
 parser.add_argument("--lr", "--learning-rate", default=0.01, type=float, metavar="LR", help="initial learning rate",
                     dest="lr")
 parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum")
@@ -68,6 +68,8 @@ parser.add_argument("--val-split", default="test", choices=("test", "train"),
                          "used 'train' (default: test)")
 parser.add_argument("--name", default="", help="run name under runs/apot/ (default: flags + time stamp)")
 parser.add_argument("--overwrite", action="store_true", help="replace the run already named --name")
+parser.add_argument("--max-iters", default=None, type=int, metavar="N",
+                    help="stop every epoch after N training iterations (smoke runs; recorded as shortened)")
 
 
 README_EPOCHS = 25          # the MNIST README's recipe (batch 128, lr 0.01, wd 1e-4, 25 epochs)
@@ -76,6 +78,8 @@ README_EPOCHS = 25          # the MNIST README's recipe (batch 128, lr 0.01, wd 
 def check_args(args):
     """Every range and output directory, before any data is read (one line, exit 2)."""
     check_sgd_flags(args, wd_flag="--wd")
+    if args.max_iters is not None and args.max_iters < 1:
+        raise UserError(f"--max-iters {args.max_iters}: needs at least 1 iteration per epoch")
     check_results_writable()
 
 
@@ -158,13 +162,15 @@ def main():
                                                    num_workers=args.workers)
     fwd = torch.compile(model) if args.compile else model      # checkpoints keep the model's own keys
     recipe = combine_recipes(recipe_info({"epochs": (args.epochs, README_EPOCHS),
-                                          "train images": (len(train_set), 60000)}),
+                                          "train images": (len(train_set), 60000)},
+                                         limits={"max_iters": args.max_iters}),
                              *([init_recipe] if init_recipe or args.pretrained else []))
     qident = identity("apot", args.arch, bits=args.bit, scheme=engine.scheme(args.bit, power), stage="train",
                       recipe=recipe, run_dir=os.path.abspath(fdir), init_recipe=init_recipe)
     log = runs.start_run("apot", fdir, args, seed=seed, device=device, recipe=recipe,
                          overwrite=args.overwrite).log
-    eta = runs.ETA(args.epochs, start_epoch, len(train_loader), say=log.info)
+    eta = runs.ETA(args.epochs, start_epoch, min(len(train_loader), args.max_iters or len(train_loader)),
+                   say=log.info)
 
     other = "train" if args.val_split == "test" else "test"
     eval_loaders = {args.val_split: val_loader, other: eval_loader(other)[1]}

@@ -9,8 +9,9 @@
 #   ARCH    architectures (default "resnet10 resnet18")
 #   BITS    bit-widths (default "2 3 4 5")      POWERS  1 = APoT, 0 = uniform (default "1 0")
 #   SEEDS   seeds (default "1 2 3")             EPOCHS  epochs per run (default 25, the README's)
+#   MAX_ITERS  stop every epoch after N iterations (smoke runs: name gets -i<N>, recorded as shortened)
 #   JOBS    runs at a time (default 1; one per core: each run uses one torch thread when JOBS > 1)
-#   DATA    MNIST root holding MNIST/raw/*-ubyte (default ../../../shared/data if present, else ./data)
+#   DATA    MNIST root holding MNIST/raw/*-ubyte (default $QUANTLAB_DATA, else ./data)
 #   PYTHON  interpreter (default python)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,9 +22,7 @@ SEEDS=${SEEDS:-1 2 3}
 EPOCHS=${EPOCHS:-25}
 JOBS=${JOBS:-1}
 PY=${PYTHON:-python}
-if [ -z "${DATA:-}" ]; then
-    if [ -d ../../../shared/data/MNIST ]; then DATA=../../../shared/data; else DATA=./data; fi
-fi
+DATA=${DATA:-${QUANTLAB_DATA:-./data}}
 RUNS=${QUANTLAB_RUNS:-$(cd ../.. && pwd)/runs}
 if [ "$JOBS" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}; fi
 
@@ -31,6 +30,7 @@ one() {  # one <arch> <bit> <power> <seed>: run, resume or skip one setting
     local arch=$1 bit=$2 power=$3 seed=$4 tag name dir
     tag="${arch}_${bit}bit"; [ "$power" = 0 ] && tag+="_uniform"
     name="mnist-${tag}-seed${seed}"; [ "$EPOCHS" != 25 ] && name+="-e${EPOCHS}"
+    [ -n "${MAX_ITERS:-}" ] && name+="-i${MAX_ITERS}"
     dir="$RUNS/apot/$name"
     if [ -s "$dir/records.jsonl" ]; then echo "== $name: finished, skipped"; return 0; fi
     # a run already committed as a reference result (another machine or session made it) is not redone
@@ -38,6 +38,7 @@ one() {  # one <arch> <bit> <power> <seed>: run, resume or skip one setting
         echo "== $name: in results/reference/apot/mnist-$arch.jsonl, skipped"; return 0; fi
     local cmd=("$PY" main.py --arch "$arch" --bit "$bit" --epochs "$EPOCHS" --seed "$seed" --data "$DATA")
     [ "$power" = 0 ] && cmd+=(--power 0)
+    [ -n "${MAX_ITERS:-}" ] && cmd+=(--max-iters "$MAX_ITERS")
     if [ -f "$dir/checkpoint.pth" ]; then cmd+=(--resume "$dir/checkpoint.pth"); echo "== $name: resuming"
     else cmd+=(--name "$name" --overwrite); echo "== $name: starting"; fi
     "${cmd[@]}" > >(grep --line-buffered -v '^clipping threshold' >> "$dir.out") 2>&1 || {
