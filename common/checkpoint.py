@@ -5,7 +5,9 @@ project writes loads with `torch.load(..., weights_only=True)`.
 """
 import os
 import pickle
+import re
 import tempfile
+import warnings
 
 import torch
 
@@ -53,13 +55,22 @@ def load_checkpoint(path, map_location="cpu", what="checkpoint", flag=None):
     if os.path.isdir(path):
         raise UserError(f"{what} path is a directory, expected a file: {path}{hint}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():       # torch's note on the pickle protocol of a refused file is noise here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the user's to fix
         text = str(e)
         first = (text.strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in text:
-            raise UserError(f"{what} {path} contains pickled Python objects, refused under weights_only=True; "
-                            f"re-save it as a dict of tensors{hint}") from None
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+            # torch's refusal: the pickle names a Python object (code could run) or uses an opcode its safe
+            # unpickler does not read; nothing of the file was executed
+            g = re.search(r"GLOBAL ([\w.]+)", text)
+            op = next((l.strip() for l in text.splitlines() if l.strip().startswith("Unsupported")), "")
+            held = (f"holds pickled Python objects (a reference to {g.group(1)})" if g else
+                    f"is a pickle that the safe loader does not read ({op or first[:80]})")
+            raise UserError(f"{what} {path} {held}, so it was not loaded: only tensors and plain containers are "
+                            f"read (weights_only=True) and nothing in it ran; re-save it as a dict of tensors{hint}") \
+                from None
         raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: {first[:120]}); "
                         f"re-download or re-create it{hint}") from None
 

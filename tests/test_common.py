@@ -261,3 +261,27 @@ def test_writable_dir_check_tries_a_file(tmp_path):
     if os.path.isdir("/proc/self"):  # a pseudo file system: os.access may say yes (as root), creating a file fails
         with pytest.raises(UserError, match=r"--save-dir /proc/self/quantlab-run is not writable \("):
             check_writable_dir("/proc/self/quantlab-run", "--save-dir")
+
+
+class _Payload:  # unpickling this would run a shell command
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_payload_checkpoint_says_it_holds_python_objects_and_nothing_ran(tmp_path, how):
+    """A checkpoint whose pickle calls os.system is refused with a message that says what it holds (not
+    'corrupt ... re-download'), and the payload never runs."""
+    import pickle
+    path = tmp_path / "payload.pth"
+    if how == "torch.save":
+        torch.save({"state_dict": _Payload()}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": _Payload()}, f, protocol=4)
+    res = _run_loader(tmp_path, "load_checkpoint('payload.pth')")
+    _assert_one_line_error(res, "payload.pth", "was not loaded")
+    assert "corrupt" not in res.stderr and "re-download" not in res.stderr and "Warning" not in res.stderr
+    assert ("pickled Python objects (a reference to posix.system)" in res.stderr if how == "torch.save"
+            else "safe loader does not read" in res.stderr)
+    assert not (tmp_path / "PWNED").exists()
