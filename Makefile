@@ -22,7 +22,7 @@ export DATA EPOCHS SMOKE
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
-.PHONY: help setup reference-table test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
+.PHONY: help setup reference-table bench-gpu test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -56,6 +56,10 @@ test-all: setup ## run every test, slow ones included
 
 bench: setup ## run benchmarks/ and write CSV rows under results/bench/
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# On a GPU machine without this venv: `make bench-gpu PY=python3` (benchmarks/gpu_check.py --help).
+bench-gpu: ## one speed check for all five papers (benchmarks on the GPU, a short real run, one summary table)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 reference-table: setup ## rewrite results/reference/RESULTS.md from the committed reference records (after adding some)
 	$(PY) -m common.compare --reference-table
