@@ -154,8 +154,8 @@ class Dist:
             torch.distributed.barrier(**({"device_ids": [self.device.index]} if self.device.type == "cuda" else {}))
 
     def from_main(self, fn):
-        """fn() run by rank 0 alone (the run directory, the output checks): its result, or its UserError, in
-        every process, so that all stop with the same line."""
+        """fn() run by rank 0 alone (the run directory, the output checks): its result in every process; its
+        UserError stops all of them, printed by rank 0 alone (the others exit 2 without a word)."""
         if not self.enabled:
             return fn()
         box = [None, None]
@@ -166,7 +166,9 @@ class Dist:
                 box[1] = str(e)
         torch.distributed.broadcast_object_list(box, 0)
         if box[1] is not None:
-            raise UserError(box[1])
+            if self.main:
+                raise UserError(box[1])
+            raise SystemExit(2)
         return box[0]
 
     def main_first(self, fn):
@@ -749,6 +751,26 @@ def model_post_path(args):
     return root + "_post" + (ext or ".pth")
 
 
+def launched_rank():
+    """This process's rank under torchrun (its RANK variable), 0 otherwise; known before any process group."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+def said_by_rank_zero(fn):
+    """fn(), whose UserError every torchrun process meets alike (same flags, files and WORLD_SIZE): rank 0 prints
+    it (common.errors.run_main: one line, exit 2) and the other processes exit 2 without a word, so that the
+    error is one line, not one per process."""
+    try:
+        return fn()
+    except UserError:
+        if launched_rank() > 0:
+            raise SystemExit(2) from None
+        raise
+
+
 def check_args(args):
     for flag in ("lr", "ld_basis", "ld_coord", "top_k", "pr"):
         if getattr(args, flag) < 0:
@@ -820,7 +842,9 @@ def describe_file(path):
         ck = load_checkpoint(path)
     except UserError:
         return "not a readable checkpoint"
-    ident = ck.get(IDENTITY_KEY) if isinstance(ck, dict) else None
+    if not isinstance(ck, dict):
+        return "not a checkpoint of this script"
+    ident = ck.get(IDENTITY_KEY)
     if not isinstance(ident, dict):
         return f"stage {ck.get('stage', 'PRETRAIN' if 'optimizer_state_dict' in ck else '?')}"
     return f"{ident.get('stage')} of {ident.get('model')}, {'finished' if ident.get('finished') else 'unfinished'}, " \
@@ -1329,11 +1353,13 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
 
     pretrain_recipe(st) runs the script's own full-precision training; make_loaders(args) -> (train, val, test).
     """
-    check_args(args)
-    if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
-        raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
+    def check():                                  # the same flags and files in every process of torchrun
+        check_args(args)
+        if not (args.PRETRAIN or args.ALQ or args.POSTTRAIN or args.export):
+            raise UserError("nothing to do: pass --PRETRAIN, --ALQ, --POSTTRAIN and/or --export PATH")
+        check_inputs(args, build_net)
+    said_by_rank_zero(check)                      # before init_process_group: no process group, no work yet
     dist = Dist.start()                           # one process, or torchrun's (DistributedDataParallel)
-    check_inputs(args, build_net)
 
     def plan():                                   # rank 0 decides and checks the outputs; every process follows
         run_dir = args.log_dir or alq_run_dir(arch, args.resume)

@@ -26,7 +26,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.identity import sha256_file  # noqa: E402
 from common.meters import progress  # noqa: E402
 from fdda import models  # noqa: E402
-from fdda.bns import BNStats, LIST_FILE, bns_paths, correct_set  # noqa: E402
+from fdda.bns import BNStats, LIST_FILE, RECORD_FILE, bns_paths, correct_set  # noqa: E402
 from fdda.dataloader import imagenet_split, test_transform  # noqa: E402
 from fdda.options import DATA_ENV  # noqa: E402
 
@@ -94,6 +94,7 @@ def main():
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} already exists (BNS centers of {args.model_name}, used by training runs); "
                         f"pass --overwrite to replace them, or --save_path DIR for another set")
+    models.check_input_size(args.model_name, args.img_size, args.nClasses, flag="--img_size")
     tf = test_transform(args.img_size)
     train = imagenet_split(data_path, "train", tf)            # one line if missing / not an ImageFolder
     if len(train.classes) > args.nClasses:
@@ -105,7 +106,6 @@ def main():
     teacher.to(device)
     print(f"=> device {device}, seed {args.seed} (image choice), teacher {source}, {len(chosen)} classes -> "
           f"{os.path.abspath(args.save_path)}", flush=True)
-    os.makedirs(args.save_path, exist_ok=True)               # the README's `mkdir save_ImageNet`
 
     stats = BNStats(teacher, per_sample=True)
     mean, var, path_label, outputs = {}, {}, {}, {}
@@ -117,8 +117,14 @@ def main():
             batch = chosen[start:start + args.batch_size]
             imgs = []
             for _, p in batch:
-                with open(p, "rb") as f:
-                    imgs.append(tf(Image.open(f).convert("RGB")))
+                try:
+                    with open(p, "rb") as f:
+                        img = Image.open(f).convert("RGB")
+                except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+                    raise UserError(f"calibration image {p} cannot be decoded ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:100]}); remove or replace it, or pass --seed N "
+                                    f"for another choice") from None
+                imgs.append(tf(img))
             stats.clear()
             out = teacher(torch.stack(imgs).to(device)).cpu()
             if len(stats.mean) != spec.bn_layers:
@@ -129,6 +135,7 @@ def main():
                 path_label[c] = {c: ((p,), torch.tensor([c]))}
                 outputs[c] = out[i:i + 1].clone()
     stats.remove()
+    os.makedirs(args.save_path, exist_ok=True)               # the README's `mkdir save_ImageNet`
     paths = bns_paths(args.save_path, args.model_name)
     for key, obj in (("mean", mean), ("var", var), ("path_label", path_label), ("teacher_output", outputs)):
         save_checkpoint(obj, paths[key])
@@ -137,7 +144,7 @@ def main():
         f.writelines(f"{c}\t{os.path.abspath(p)}\n" for c, p in chosen)
     os.replace(list_path + ".tmp", list_path)
     right = correct_set(torch.cat([outputs[c] for c in sorted(outputs)]))
-    with open(os.path.join(args.save_path, f"{args.model_name}_BNScenters.json"), "w") as f:
+    with open(os.path.join(args.save_path, RECORD_FILE.format(m=args.model_name)), "w") as f:
         json.dump({"paper": "fdda", "stage": "BNScenters", "script": "fdda/BNScenters.py",
                    "sha256": {k: sha256_file(p) for k, p in paths.items()},
                    "model_name": args.model_name, "teacher": source, "dataPath": os.path.abspath(data_path),

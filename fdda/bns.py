@@ -12,7 +12,10 @@ nested dicts/lists/tensors/strings that loads with torch.load(weights_only=True)
   {model}_path_label_Categorical_bs_1.pickle {class: {class: ((image path,), tensor([class]))}}
   {model}_teacher_output_Categorical_1.pickle {class: teacher logits of that image, 1 x nClasses}
   {model}_calibration_images.txt             "class<TAB>path" per line: the replayable calibration set
+  {model}_BNScenters.json                     how they were made: model_name, img_size, teacher, seed, sha256 of
+                                              the four files (check_centers reads it)
 """
+import json
 import os
 
 import torch
@@ -20,11 +23,14 @@ import torch.nn as nn
 
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
+from common.identity import sha256_file
 
 FILES = {"mean": "{m}_mean_Categorical_bs_1.pickle", "var": "{m}_var_Categorical_bs_1.pickle",
          "path_label": "{m}_path_label_Categorical_bs_1.pickle",
          "teacher_output": "{m}_teacher_output_Categorical_1.pickle"}
 LIST_FILE = "{m}_calibration_images.txt"
+# what BNScenters.py made the four files from (teacher, img_size, seed, their sha256); not in the original
+RECORD_FILE = "{m}_BNScenters.json"
 
 
 class BNStats:
@@ -97,6 +103,42 @@ def load_bns_centers(save_path, model_name, bn_layers):
         path_label[c] = (pl[0][0], int(pl[1].reshape(-1)[0]))
     teacher_output = torch.cat([raw["teacher_output"][c].reshape(1, -1) for c in classes])
     return true_mean, true_var, path_label, teacher_output
+
+
+def check_centers(save_path, model_name, img_size, channels, true_mean, true_var):
+    """The BNS centers must describe this network at this image size; returns a note for the log.
+
+    Every per-layer statistic must have the channel count of the network's BN layer at that place (`channels`,
+    execution order: models.check_input_size). Statistics of the chosen images depend on their resolution, so
+    the centers' record (RECORD_FILE, when its sha256 are those of the four files) must name this model_name
+    and img_size; files without a record (the authors' pickles, or files replaced since) are checked by their
+    shapes alone, and the note says so."""
+    for c in sorted(true_mean):
+        for layer, (m, v, n) in enumerate(zip(true_mean[c], true_var[c], channels)):
+            if tuple(m.shape) != (n,) or tuple(v.shape) != (n,):
+                raise UserError(f"BNS-center files in {save_path} hold statistics of {tuple(m.shape)} values for BN "
+                                f"layer {layer} (class {c}) but {model_name}'s BN layer {layer} has {n} channels: "
+                                f"they were made for another network; re-create them with "
+                                f"`{bnscenters_command(model_name)}`")
+    path = os.path.join(save_path, RECORD_FILE.format(m=model_name))
+    try:
+        with open(path) as f:
+            made = json.load(f)
+    except (OSError, ValueError):
+        made = None
+    if not isinstance(made, dict) or not isinstance(made.get("sha256"), dict) \
+            or made["sha256"] != {k: sha256_file(p) for k, p in bns_paths(save_path, model_name).items()}:
+        return (f"no record of how the BNS centers in {save_path} were made ({path} missing or not theirs): their "
+                f"per-layer shapes fit {model_name}; their image size cannot be checked")
+    if made.get("model_name") != model_name:
+        raise UserError(f"the BNS centers in {save_path} were made for {made.get('model_name')} ({path}), not "
+                        f"{model_name}; re-create them with `{bnscenters_command(model_name)}`")
+    if made.get("img_size") != img_size:
+        raise UserError(f"the BNS centers in {save_path} were made from {made.get('img_size')} px images ({path}) "
+                        f"but img_size = {img_size}: their statistics do not describe {img_size} px images; pass "
+                        f"--img_size {made.get('img_size')}, or re-create them with `{bnscenters_command(model_name)} "
+                        f"--img_size {img_size}` (and --save_path DIR to keep these)")
+    return f"BNS centers made from {img_size} px images by {made.get('teacher')} ({path})"
 
 
 def correct_set(teacher_output):

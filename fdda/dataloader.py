@@ -1,8 +1,11 @@
-"""Data for FDDA: ImageNet transforms, the validation loader and the calibration set (one image per class)."""
+"""Data for FDDA: ImageNet transforms, the validation loader (images that cannot be decoded are skipped and
+counted: SkipUnreadable) and the calibration set (one image per class)."""
+import sys
+
 import torch
 import torchvision.transforms as transforms
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, default_collate
 
 from common import data as cdata
 from common.errors import UserError
@@ -48,7 +51,66 @@ class CalibrationSet(Dataset):
         return self.transform(img), path, label
 
 
+# what PIL raises for a file it cannot decode (UnidentifiedImageError and truncated data are OSErrors; some
+# malformed PNG chunks raise SyntaxError); a missing or unreadable file is an OSError too
+DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+class Unreadable:
+    """Stands in for a validation image that cannot be decoded: its path and why (collate_skipping drops it)."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = path, reason
+
+
+class SkipUnreadable(Dataset):
+    """The validation ImageFolder (common.data), with every image that cannot be decoded replaced by an
+    Unreadable item instead of stopping the run at its first evaluation (the original crashed there, possibly
+    after days of training). Only the decoding is guarded: the transform and the labels are the dataset's."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.classes, self.samples = dataset.classes, dataset.samples
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            img = self.dataset.image(i)
+        except DECODE_ERRORS as e:
+            return Unreadable(self.samples[i][0], f"{type(e).__name__}: {' '.join(str(e).split())[:100]}")
+        tf = self.dataset.transform
+        return (tf(img) if tf is not None else img), int(self.dataset.targets[i])
+
+
+_REPORTED = set()       # paths already named: a file is named once per process, however often it is evaluated
+
+
+def report_unreadable(items, say=None):
+    """Name each skipped file once (say: a log's info, default stderr); returns how many were skipped."""
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for u in items:
+        if u.path not in _REPORTED:
+            _REPORTED.add(u.path)
+            say(f"warning: validation image {u.path} cannot be decoded ({u.reason}): skipped, left out of the "
+                f"accuracy and counted in the record (skipped_unreadable)")
+    return len(items)
+
+
+def collate_skipping(batch):
+    """(images, labels, [Unreadable ...]) of a batch; images and labels are None when no item was readable."""
+    gone = [b for b in batch if isinstance(b, Unreadable)]
+    kept = [b for b in batch if not isinstance(b, Unreadable)]
+    if not kept:
+        return None, None, gone
+    images, labels = default_collate(kept)
+    return images, labels, gone
+
+
 def loader(dataset, batch_size, shuffle, workers=0, drop_last=False, sampler=None):
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=workers, drop_last=drop_last,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       collate_fn=collate_skipping if isinstance(base, SkipUnreadable) else None)

@@ -32,11 +32,11 @@ from common.errors import UserError, cli  # noqa: E402
 from common.identity import IDENTITY_KEY, sha256_file  # noqa: E402
 from common.results import record  # noqa: E402
 from fdda import distributed, models  # noqa: E402
-from fdda.bns import LIST_FILE, bns_paths, correct_set, load_bns_centers  # noqa: E402
+from fdda.bns import LIST_FILE, RECORD_FILE, bns_paths, check_centers, correct_set, load_bns_centers  # noqa: E402
 from fdda.checkpoints import check_student, fdda_identity  # noqa: E402
 from fdda.conditional_batchnorm import Generator_imagenet  # noqa: E402
-from fdda.dataloader import CalibrationSet, imagenet_split, loader, test_transform  # noqa: E402
-from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
+from fdda.dataloader import CalibrationSet, SkipUnreadable, imagenet_split, loader, test_transform  # noqa: E402
+from fdda.options import DEFAULTS, Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
 from fdda.quantization_utils import freeze_model, unfreeze_model  # noqa: E402
 from fdda.trainer_DBNS_CBNS import Trainer  # noqa: E402
 
@@ -124,11 +124,22 @@ def check_resume(ckpt, path, args, opt, f8l8, bns):
                         f"(sha256 {was[:12]}..., now {bns[:12]}...; re-created by BNScenters.py?); start a new run")
 
 
+def check_warmup(opt):
+    """The student learns from epoch warmup_epochs on (0-based): warmup_epochs >= nEpochs would train only the
+    generator and still write, evaluate and record an untrained student."""
+    if opt.warmup_epochs >= opt.nEpochs:
+        fit = opt.nEpochs * DEFAULTS["warmup_epochs"] // DEFAULTS["nEpochs"]
+        raise UserError(f"warmup_epochs = {opt.warmup_epochs} >= nEpochs = {opt.nEpochs}: the student is trained "
+                        f"from epoch warmup_epochs + 1 on, so this run would never train it; pass --warmup_epochs "
+                        f"{fit} (the published 50 of 400 epochs, scaled) or a larger --nEpochs")
+
+
 def main(f8l8=False):
     args = make_parser(f8l8).parse_args()
     require(args, models.MODELS)
     opt = Option.from_args(args.conf_path, overrides_from(args))      # every hocon value's range: one line
     check_range("--id", args.id, lo=0)
+    check_warmup(opt)
     if args.overwrite and args.resume is not None:
         raise UserError("--overwrite replaces a run and --resume continues one: pass only one of them")
     if args.manualSeed is None:
@@ -143,8 +154,10 @@ def main(f8l8=False):
     check_results_writable()
     run_dir, ckpt_path = plan_run(args, opt, setting)
     check_writable_dir(opt.save_path, "save_path")                   # its log_... link to the finished run
-    val_set = imagenet_split(opt.dataPath, "val", test_transform(opt.img_size))
+    channels = models.check_input_size(args.model_name, opt.img_size, opt.nClasses)
+    val_set = SkipUnreadable(imagenet_split(opt.dataPath, "val", test_transform(opt.img_size)))
     true_mean, true_var, path_label, teacher_output = load_bns_centers(opt.save_path, args.model_name, L)
+    centers_note = check_centers(opt.save_path, args.model_name, opt.img_size, channels, true_mean, true_var)
     n_classes = len(true_mean)
     if n_classes > opt.nClasses or teacher_output.shape[1] != opt.nClasses:
         raise UserError(f"the BNS centers in {opt.save_path} cover {n_classes} classes with a "
@@ -194,7 +207,7 @@ def main(f8l8=False):
     try:
         train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_path, bns, dist, device, log,
                   recipe, source, teacher, student, generator, true_mean, true_var, teacher_output, n_classes,
-                  calib_loader, val_loader)
+                  calib_loader, val_loader, centers_note)
     finally:
         runs.end_run()                   # text log and tensorboard closed, also on SIGINT/SIGTERM
         dist.close()
@@ -202,16 +215,18 @@ def main(f8l8=False):
 
 def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_path, bns, dist, device, log, recipe,
               source, teacher, student, generator, true_mean, true_var, teacher_output, n_classes, calib_loader,
-              val_loader):
+              val_loader, centers_note=""):
     L = spec.bn_layers
     if dist.main and ckpt is None:       # the config and the calibration set this run used, for replay
         for src in (args.conf_path, os.path.join(opt.save_path, LIST_FILE.format(m=args.model_name)),
-                    os.path.join(opt.save_path, f"{args.model_name}_BNScenters.json")):
+                    os.path.join(opt.save_path, RECORD_FILE.format(m=args.model_name))):
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(run_dir, os.path.basename(src)))
     log.info(f"FDDA {args.model_name} {setting} (teacher: {source}), {n_classes} classes, L = {L} BN layers, "
              f"DBNS/CBNS from layer {start_layer}; correct set {len(correct_set(teacher_output))}/{n_classes}; "
              f"{dist.world} process(es) on {device}; run dir {run_dir}")
+    if centers_note:
+        log.info(centers_note)
     short = opt.shortened()
     if short:
         log.info(f"shortened recipe (not a reproduction): {short}")
@@ -236,8 +251,9 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
             sums = ckpt["partial"]
         log.info(f"resumed from {ckpt_path} at epoch {start_epoch + 1}" + (f" iteration {skip + 1}" if skip else ""))
     elif opt.test_teacher:
-        t1, t5, n = trainer.test_teacher()
-        log.info(f"Teacher network: [acc: {t1:.4f}%] top5 {t5:.4f}% on {n} val images")
+        t1, t5, n, gone = trainer.test_teacher()
+        log.info(f"Teacher network: [acc: {t1:.4f}%] top5 {t5:.4f}% on {n} val images"
+                 + (f" ({gone} unreadable, skipped)" if gone else ""))
 
     def meta(epoch, finished=None):
         return {"paper": "fdda", "model_name": args.model_name, "qw": opt.qw, "qa": opt.qa, "f8l8": f8l8,
@@ -267,7 +283,7 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
     # the original evaluated when epoch > warmup_epochs - 2; test_start_epoch >= 0 overrides that
     test_from = opt.test_start_epoch if opt.test_start_epoch >= 0 else opt.warmup_epochs - 1
     eta = runs.ETA(opt.nEpochs, start_epoch, opt.iters_per_epoch, say=log.info)
-    t_start, n_val, epoch = time.time(), None, start_epoch
+    t_start, n_val, n_skipped, epoch = time.time(), None, 0, start_epoch
     try:
         with interrupt.armed():
             for epoch in range(start_epoch, opt.nEpochs):
@@ -287,8 +303,9 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                     log.scalar(f"train/{k}", v, epoch + 1)
                 improved = False
                 if epoch >= test_from:
-                    top1, top5, n_val = trainer.test()
-                    line += f" [val top1: {top1:.4f}% top5: {top5:.4f}%]"
+                    top1, top5, n_val, n_skipped = trainer.test()
+                    line += f" [val top1: {top1:.4f}% top5: {top5:.4f}%" + \
+                        (f", {n_skipped} unreadable image(s) skipped]" if n_skipped else "]")
                     log.scalar("val/top1", top1, epoch + 1)
                     log.scalar("val/top5", top5, epoch + 1)
                     if top1 >= best_top1 or best_epoch < 0:
@@ -325,6 +342,7 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                n_samples=n_val, extra={"top5": best_top5, "best_epoch": best_epoch + 1, "teacher": source,
                                        "selection": "best epoch on val (as the published numbers)",
                                        "world_size": dist.world, "data": os.path.abspath(opt.dataPath),
+                                       "skipped_unreadable": n_skipped,
                                        "checkpoint": os.path.abspath(os.path.join(run_dir, "model.pth"))})
     log.info(f"Running Time is: {time.time() - t_start:.1f}s; model: {os.path.join(run_dir, 'model.pth')}")
     if dist.main:                    # the original's save_path/log_... -> this finished run

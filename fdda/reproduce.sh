@@ -6,8 +6,10 @@
 #   3. test.py / test_8F8L.py on the best model.pth (recorded again), then `python -m common.compare fdda`.
 # Environment: DATA (ImageNet root with train/<wnid>/ and val/<wnid>/), MODEL (resnet18 | mobilenet_w1 |
 # mobilenetv2_w1 | regnetx_600m, default resnet18), BITS (qw = qa, default 4), F8L8=1, EPOCHS (nEpochs, default
-# the published 400), TEACHER (pretrained weights file; default: the original's file in pytorchcv's store
-# ~/.torch/models or torch.hub's checkpoints folder), ID (--id, default 0), PYTHON, TORCHRUN=N (N processes).
+# the published 400; fewer epochs keep the published share of warm-up epochs, warmup_epochs = EPOCHS * 50 / 400,
+# so that the student is still trained), TEACHER (pretrained weights file; default: the original's file in
+# pytorchcv's store ~/.torch/models or torch.hub's checkpoints folder), ID (--id, default 0), PYTHON, TORCHRUN=N
+# (N processes).
 # SMOKE=1: no ImageNet and no weights needed: a generated 3-class ImageFolder, random networks at 224 px and a
 # 2-epoch, 1-iteration recipe, written under runs/fdda-smoke/ (run directories in runs/fdda-smoke/runs, records
 # in runs/fdda-smoke/results: shortened, never shown as a reproduction; SMOKE_DIR moves it). It checks that the
@@ -51,6 +53,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
     exit 0
 fi
 
+if [ -n "${EPOCHS:-}" ] && ! [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "reproduce-fdda: EPOCHS=$EPOCHS must be a whole number of epochs >= 1 (the published recipe: 400)" >&2
+    exit 2
+fi
 DATA=${DATA:-${FDDA_DATA:-}}
 if [ -z "$DATA" ] || [ ! -d "$DATA/train" ] || [ ! -d "$DATA/val" ]; then
     echo "reproduce-fdda needs ImageNet (ILSVRC2012) as an ImageFolder: DATA=/path/with/train/<wnid>/*.JPEG and" \
@@ -76,7 +82,14 @@ if [ ! -f "save_ImageNet/${MODEL}_mean_Categorical_bs_1.pickle" ]; then
 else
     echo "== BNS centers exist in fdda/save_ImageNet (delete them to re-draw the calibration images)"
 fi
-EP=(); [ -n "${EPOCHS:-}" ] && EP=(--nEpochs "$EPOCHS")
+EP=()
+if [ -n "${EPOCHS:-}" ]; then
+    # the student learns only after warmup_epochs (50 of the published 400): a shorter run keeps that share
+    WARMUP=50
+    if [ "$EPOCHS" -lt 400 ]; then WARMUP=$((EPOCHS * 50 / 400)); fi
+    EP=(--nEpochs "$EPOCHS" --warmup_epochs "$WARMUP")
+    echo "== EPOCHS=$EPOCHS: nEpochs $EPOCHS, warmup_epochs $WARMUP"
+fi
 "${LAUNCH[@]}" "$TRAIN" --model_name "$MODEL" --conf_path imagenet_config.hocon --id="$ID" --teacher_path "$WEIGHTS" \
     --qw "$BITS" --qa "$BITS" ${EP[@]+"${EP[@]}"}
 MODEL_PTH=$(ls -td save_ImageNet/log_*_qw${BITS}_qa${BITS}_*/model.pth | head -1)

@@ -24,7 +24,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.results import record  # noqa: E402
 from fdda import distributed, models  # noqa: E402
 from fdda.checkpoints import check_student, checkpoint_recipe  # noqa: E402
-from fdda.dataloader import imagenet_split, loader, test_transform  # noqa: E402
+from fdda.dataloader import SkipUnreadable, imagenet_split, loader, test_transform  # noqa: E402
 from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
 from fdda.quantization_utils import freeze_model  # noqa: E402
 from fdda.trainer_DBNS_CBNS import evaluate  # noqa: E402
@@ -63,9 +63,10 @@ def main(f8l8=False):
     opt = Option.from_args(args.conf_path, overrides_from(args))
     models.check_model_name(args.model_name)
     check_results_writable()                                      # before anything is read
+    models.check_input_size(args.model_name, opt.img_size, opt.nClasses)
     ckpt = load_checkpoint(args.model_path, what="student model", flag="--model_path")
     sd, meta, ident, note = student_state(ckpt, args.model_name, opt.qw, opt.qa, f8l8, args.model_path)
-    val_set = imagenet_split(opt.dataPath, "val", test_transform(opt.img_size))
+    val_set = SkipUnreadable(imagenet_split(opt.dataPath, "val", test_transform(opt.img_size)))
     n_out = meta.get("nClasses", opt.nClasses)
     student = models.build_student(models.build(args.model_name, n_out), args.model_name, opt.qw, opt.qa, f8l8,
                                    meta.get("clip_ste", opt.clip_ste))
@@ -84,13 +85,16 @@ def main(f8l8=False):
     if dist.main:
         print(f"=> device {dist.device}, seed {seed}, {dist.world} process(es); evaluating {args.model_path}"
               + (f" ({note})" if note else ""))
-    top1, top5, n = evaluate(student, loader(val_set, opt.test_batchSize, False, opt.nThreads), dist.device, dist)
+    top1, top5, n, skipped = evaluate(student, loader(val_set, opt.test_batchSize, False, opt.nThreads),
+                                      dist.device, dist)
     if dist.main:
         print(f"#==>Best Result is: Top1 Error: {100 - top1:f}, Top5 Error: {100 - top5:f}")
-        print(f"#==>Best Result is: Top1 Accuracy: {top1:f}, Top5 Accuracy: {top5:f} ({n} val images)")
+        print(f"#==>Best Result is: Top1 Accuracy: {top1:f}, Top5 Accuracy: {top5:f} ({n} val images"
+              + (f"; {skipped} unreadable, skipped)" if skipped else ")"))
         teacher = meta.get("teacher", "released model")
         extra = {"top5": top5, "model_path": os.path.abspath(args.model_path), "teacher": teacher,
-                 "trained_epochs": meta.get("epoch"), "data": os.path.abspath(opt.dataPath)}
+                 "trained_epochs": meta.get("epoch"), "data": os.path.abspath(opt.dataPath),
+                 "skipped_unreadable": skipped}
         if note:
             extra["checkpoint_note"] = note
         record("fdda", model=args.model_name, dataset="synthetic" if teacher == "random" else "imagenet",

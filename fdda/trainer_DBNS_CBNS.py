@@ -16,14 +16,17 @@ Per iteration (iters_per_epoch of them):
      Before that, the student only runs forward on G (which calibrates its activation ranges while unfrozen).
 """
 import random
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from common import interrupt
 from common.device import get_rng_state, set_rng_state
+from common.errors import UserError
 from common.meters import accuracy, progress
 from fdda.bns import BNStats
+from fdda.dataloader import report_unreadable
 
 
 def multi_step_lr(base, epoch, steps, decay, n_epochs):
@@ -41,20 +44,31 @@ def kd_loss(output, labels, teacher_output, T, alpha):
     return kl * (alpha * T * T) + F.cross_entropy(output, labels)
 
 
-def evaluate(model, loader, device, dist, desc="val"):
-    """(top1, top5, n) in percent over the whole loader, reduced over ranks (each rank holds a disjoint slice)."""
+def evaluate(model, loader, device, dist, desc="val", say=None):
+    """(top1, top5, n, skipped) in percent over the whole loader, reduced over ranks (each rank holds a disjoint
+    slice). Images that cannot be decoded (dataloader.SkipUnreadable) are left out and counted in `skipped`,
+    each file named once through `say`; a validation set of which no image decodes is one error line."""
     model.eval()
     c1 = c5 = n = 0.0
+    skipped = 0
     with torch.no_grad():
-        for images, labels in progress(loader, desc=desc):
+        for batch in progress(loader, desc=desc):
+            images, labels, gone = batch if len(batch) == 3 else (batch[0], batch[1], ())
+            if gone:
+                skipped += report_unreadable(gone, say)
+            if images is None:
+                continue
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             out = model(images)
             a1, a5 = accuracy(out, labels, topk=(1, 5))
             c1 += a1 * images.size(0) / 100.0
             c5 += a5 * images.size(0) / 100.0
             n += images.size(0)
-    c1, c5, n = dist.sum([float(c1), float(c5), n])
-    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
+    c1, c5, n, skipped = dist.sum([float(c1), float(c5), n, skipped])
+    if n == 0 and skipped:
+        raise UserError(f"none of the {int(skipped)} validation images can be decoded (see the warnings above); "
+                        f"check dataPath's val/ folder")
+    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n), int(skipped)
 
 
 class Trainer:
@@ -259,13 +273,22 @@ class Trainer:
         self.dist.broadcast_module(self.generator, params=False)
         return out
 
+    def _say(self, msg):
+        """Rank 0's log; another rank's skipped files (its own slice of val) go to its stderr."""
+        if self.log is not None and self.dist.main:
+            self.log.info(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
     def test(self):
-        return evaluate(self.model, self.test_loader, self.device, self.dist, desc="val (student)")
+        """(top1, top5, n, skipped unreadable images)"""
+        return evaluate(self.model, self.test_loader, self.device, self.dist, desc="val (student)", say=self._say)
 
     def test_teacher(self):
         self.stats.active = False         # no statistics are needed (nor kept) while evaluating
         try:
-            return evaluate(self.model_teacher, self.test_loader, self.device, self.dist, desc="val (teacher)")
+            return evaluate(self.model_teacher, self.test_loader, self.device, self.dist, desc="val (teacher)",
+                            say=self._say)
         finally:
             self.stats.active = True
 

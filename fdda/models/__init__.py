@@ -82,6 +82,30 @@ def build(name, num_classes=1000):
     return model
 
 
+def check_input_size(name, img_size, num_classes=1000, flag="img_size ="):
+    """The channel counts of `name`'s BN layers in execution order, found by one forward of a 1 x 3 x img_size
+    x img_size zero image (a throw-away random network; torch's random state is restored, so no later draw
+    changes). A size the network cannot take is one line: resnet18 and mobilenet_w1 end in a fixed 7x7 average
+    pool followed by the classifier, so only inputs whose last feature map is 7x7 (about 193..224 px) work."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        model = build(name, num_classes).eval()
+    channels = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: channels.append(mod.num_features))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    except RuntimeError as e:
+        why = " ".join(str(e).split())[:140]
+        raise UserError(f"{flag} {img_size} does not fit {name}: its forward fails on {img_size} x {img_size} "
+                        f"images (RuntimeError: {why}); the published size 224 fits every FDDA network") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    return channels
+
+
 def default_weights_path(name):
     """Where the original would have found the pretrained file (no download ever happens here)."""
     spec = check_model_name(name)
