@@ -168,6 +168,9 @@ def parse_args(argv=None):
         raise UserError(f"--name {args.name!r} must be a plain directory name (it goes under --checkpoint-dir)")
     if args.overwrite and args.continue_run is not None:
         raise UserError("--overwrite replaces a run and --continue continues one: pass only one of them")
+    if args.continue_run and args.resume:
+        raise UserError(f"--continue {args.continue_run} continues that run from its own checkpoint (its start model "
+                        f"is in it) and --resume {args.resume} starts a new run: pass only one of them")
     given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
     targets = [f for f in ("--wgt-target", "--act-target") if f in given]
     if targets and not args.quantize:

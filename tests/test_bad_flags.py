@@ -7,6 +7,8 @@ from common.errors import UserError
 @pytest.mark.parametrize("argv,needle", [
     (["--wgt-target", "4.0"], "--wgt-target set the quantized bit targets, but without --quantize"),
     (["--act-target=3.0", "--wgt-target", "3.0"], "--wgt-target and --act-target"),
+    (["--quantize", "--continue", "runs/a/latest.pth.tar", "--resume", "b.pth"],
+     "--continue runs/a/latest.pth.tar continues that run .* --resume b.pth starts a new run: pass only one"),
 ])
 def test_dambq_contradictory_flags(argv, needle):
     from dambq import main_cifar10 as m

@@ -179,6 +179,22 @@ def test_bad_checkpoints_one_line(capsys, tiny_cifar, tmp_path):
     expect_one_line_error(capsys, common + ['--continue'], 'not found')
 
 
+def test_continue_with_resume_is_refused_before_anything_is_written(capsys, tmp_path):
+    """--continue PATH --resume OTHER would log into PATH's run (its log.txt and manifest.json) while the user
+    meant a new run from OTHER: one line, exit 2, before any file is opened or made."""
+    runs = tmp_path / 'runs'
+    run = runs / 'dambq' / 'a'
+    run.mkdir(parents=True)
+    for f in ('log.txt', 'manifest.json', 'latest.pth.tar'):
+        (run / f).write_text(f)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in runs.rglob('*') if p.is_file()}
+    argv = ['-a', 'resnet20', '--quantize', '--data', str(tmp_path / 'nowhere'), '--checkpoint-dir',
+            str(runs / 'dambq'), '--continue', str(run / 'latest.pth.tar'), '--resume', str(tmp_path / 'w4.pth')]
+    expect_one_line_error(capsys, argv, '--continue', '--resume', 'pass only one of them')
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in runs.rglob('*') if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ['runs']
+
+
 def test_bad_input_exit_code_in_a_subprocess():
     r = run_script(['main_cifar10.py', '--wgt-target', '9'], cwd=os.path.join(REPO, 'dambq'))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr

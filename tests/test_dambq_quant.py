@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from dambq.model import QUANT_BASES, FirstConv2d, LastLinear, QuantConv2d, QuantLinear, QuantTune
 from dambq.model.cifar10.resnet import resnet20
-from dambq.model.quant_layers import ALPHA_W, EPS, nearest_level, quantize_act, quantize_wgt, round_pass
+from dambq.model.quant_layers import (ALPHA_W, CLIP_W, EPS, lba_error_hook, nearest_level, quantize_act,
+                                      quantize_wgt, round_pass)
 
 F32 = np.float32
 
@@ -78,7 +79,8 @@ def test_quantize_wgt_forward_backward_mixed_bits():
                       [0.5, -0.7, 0.2, 0.0]], requires_grad=True)
     pts = QUANT_BASES.index_select(0, torch.tensor([4, 2, 0]))
     err = torch.zeros(3)
-    y = quantize_wgt(w, alpha, pts, err)
+    y = quantize_wgt(w, alpha.view(3, 1), pts, False)
+    y.register_hook(lba_error_hook(err, w, y, (1,), 4.0))
     # nearest levels: 0.5 -> .5308 (not .4284), 0.1 -> .1326 (not .0408); 2 bits: 0.5 -> .2246, 0.1 -> .2246
     expect = torch.tensor([[-1.0, 0.5308, 0.1326, 1.0],
                            [-2.0, 2 * 0.2246, 2 * 0.2246, -2 * 0.2246],
@@ -88,8 +90,11 @@ def test_quantize_wgt_forward_backward_mixed_bits():
     g = torch.arange(1.0, 13.0).view(3, 4)
     y.backward(g)
     inside = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.float32)
-    expect_grad = g * inside * (alpha / (alpha + EPS)).view(3, 1)
-    assert torch.allclose(w.grad, expect_grad, rtol=1e-7, atol=0)       # same float32 products, 1 ulp slack
+    a = alpha.view(3, 1)
+    # the original's autograd chain: (y·α)' -> clamp mask -> (w/(α+ε))', i.e. ((g·α)·mask)/(α+ε), elementwise
+    # float32 operations in that order (IEEE, the same on every machine)
+    assert torch.equal(w.grad, ((g * a) * inside) / (a + EPS))
+    assert torch.allclose(w.grad, g * inside * (a / (a + EPS)), rtol=1e-7, atol=0)   # = g·α/(α+ε) inside
     # LBA error: |Σ_c (w - w_q)·g| / 4
     expect_err = ((w.detach() - y.detach()) * g).sum(1).abs() / 4
     assert torch.allclose(err, expect_err, rtol=1e-6, atol=0)
@@ -97,12 +102,30 @@ def test_quantize_wgt_forward_backward_mixed_bits():
 
 def test_quantize_wgt_layerwise_one_group():
     w = torch.tensor([[0.3, -0.9], [0.05, 1.7]], requires_grad=True)
-    y = quantize_wgt(w, torch.tensor([1.0]), QUANT_BASES[3:4], None)
+    y = quantize_wgt(w, torch.tensor([1.0]), QUANT_BASES[3:4], True)
     # 3 bits: 0.3 -> .3128, -0.9 -> -1, 0.05 -> .0886, 1.7 clipped -> 1
     assert torch.allclose(y.detach(), torch.tensor([[0.3128, -1.0], [0.0886, 1.0]]), atol=1e-6, rtol=0)
     y.sum().backward()
     assert w.grad.flatten().tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0], abs=1e-5)   # 1/(1+1e-6)
 
+
+def test_quantize_wgt_clip_gradient_is_the_hand_derived_one():
+    """A learnable clip gets autograd's gradient through w/(α+ε) and y·α (the original's expression):
+    ∂L/∂α_c = Σ_i G_i·(w_q,i/α_c − ∂w_q,i/∂w_i · w_i/(α_c+ε)), ∂w_q/∂w = α/(α+ε)·1[|w/(α+ε)| ≤ 1]."""
+    torch.manual_seed(0)
+    bits = torch.tensor([4, 2, 1, 0])
+    w = torch.randn(4, 3, 2, 2) * 0.6
+    w[0, 0, 0, 0] = 5.0                                       # one clipped weight: only y/α contributes
+    alpha = torch.tensor([1.1, 0.7, 0.9, 0.4]).view(4, 1, 1, 1).requires_grad_()
+    G = torch.randn(4, 3, 2, 2)
+    y = quantize_wgt(w, alpha, QUANT_BASES.index_select(0, bits), False)
+    y.backward(G)
+    wd, a, yd = w.double(), alpha.detach().double(), y.detach().double()
+    dq_dw = ((wd / (a + EPS)).abs() <= 1).double() * a / (a + EPS)
+    expect = (G.double() * (yd / a - dq_dw * wd / (a + EPS))).sum((1, 2, 3), keepdim=True)
+    # float32 autograd against the float64 formula: 12 terms of size <= ~3 per channel, relative 1e-5
+    assert torch.allclose(alpha.grad.double(), expect, rtol=1e-5, atol=1e-6)
+    assert expect[3].item() != 0.0 and alpha.grad[3].item() != 0.0   # 0 bits: y = 0, the w/(α+ε) term remains
 
 # ----------------------------------------------------------------------------- activations
 
@@ -123,7 +146,8 @@ def test_quantize_act_forward_backward_mixed_bits():
                       [[1.4, 3.5], [2.9, 6.0], [5.0, 0.0]]], requires_grad=True)     # (N=2, C=3, 2)
     alpha = torch.nn.Parameter(torch.tensor([3.0]))
     err = torch.zeros(3)
-    y = quantize_act(x, alpha, bits, err)
+    y = quantize_act(x, alpha, bits.view(1, 3, 1))
+    y.register_hook(lba_error_hook(err, x, y, (0, 2), 4.0))
     # 4 bits on [0, 3]: steps of 0.2 -> 0, 0.4, 1.4, 3; 2 bits: steps of 1 -> 0, 1, 3, 3; 0 bits -> 0
     assert torch.allclose(y.detach(), torch.tensor([[[0.0, 0.4], [0.0, 1.0], [0.0, 0.0]],
                                                     [[1.4, 3.0], [3.0, 3.0], [0.0, 0.0]]]), atol=1e-5, rtol=0)
@@ -186,7 +210,7 @@ def test_quantconv_matches_original_formulation_and_error():
     alpha = conv.alpha_act.detach().clone().requires_grad_()
     x_q = act_reference(x2, alpha, conv.bit_act)
     x_q.retain_grad()
-    out2 = F.conv2d(x_q, quantize_wgt(conv.weight, conv.alpha_wgt, conv.points_wgt), None, 1, 1)
+    out2 = F.conv2d(x_q, quantize_wgt(conv.weight, conv.alpha_wgt.view(-1, 1, 1, 1), conv.points_wgt), None, 1, 1)
     out2.backward(g)
     # these inputs avoid the clamp boundaries, where torch releases disagree; float32 conv, same operands
     assert torch.allclose(out, out2, atol=1e-5, rtol=0)
@@ -345,6 +369,69 @@ def test_lba_ties_go_to_the_lower_group_index():
     assert tuner.bit_act[:6].tolist() == [3] * 6 and tuner.bit_act[6:].eq(4).all()
 
 
+def test_zero_bit_groups_output_zero_keep_the_weight_gradient_and_stay_at_zero():
+    """What the original does with a group at 0 bits (ALPHA_W[0] = 0, Q = 2^0 − 1 = 0): its weights quantize to
+    exactly 0 but still get the straight-through gradient ((g·α)·mask)/(α+ε) with α = CLIP_W[0]·mean|w| = 0.5·mean|w|;
+    its activations are exactly 0 with no gradient to x; LBA may pick it again, and it stays at 0 (clamp), using
+    up one of the int(ratio·groups) slots."""
+    conv = QuantConv2d(2, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.2, -0.6, 0.5, 0.25]).view(2, 2, 1, 1))
+    conv.bit_wgt.copy_(torch.tensor([0, 4]))
+    conv.bit_act.copy_(torch.tensor([4, 0]))
+    conv.update_quant_points()
+    x = torch.tensor([[0.45, 1.2], [2.4, 0.9]]).view(2, 2, 1, 1).requires_grad_()   # (N=2, C=2, 1, 1)
+    out = conv(x)
+    a0, a1 = conv.alpha_wgt.tolist()
+    assert a0 == pytest.approx(0.5 * (0.2 + 0.6) / 2) and a1 == pytest.approx(5.66 * (0.5 + 0.25) / 2)
+    # output channel 0 (0-bit weights) is exactly 0; input channel 1 (0-bit activations) contributes nothing:
+    # channel 1 = w_q[1, 0]·x_q[:, 0]; 4 bits on [0, 3] in steps of 0.2: 0.45 -> 0.4, 2.4 -> 2.4;
+    # w[1, 0]/α = 0.5/2.1225 = 0.2356 -> level 0.2350
+    assert out[:, 0].abs().sum().item() == 0.0
+    # float32 levels and products: relative 1e-5
+    assert torch.allclose(out[:, 1].flatten(), torch.tensor([0.4, 2.4]) * (0.2350 * a1), rtol=1e-5, atol=0)
+    out.backward(torch.ones_like(out))
+    # weight group 0, w[0, 0] = 0.2 (u = 0.2/(0.2+ε), inside): ((Σ_n x_q[n, 0])·α)/(α+ε); w[0, 1] = -0.6 clipped
+    assert conv.weight.grad[0, 0].item() == pytest.approx((0.4 + 2.4) * a0 / (a0 + EPS), rel=1e-6)
+    assert conv.weight.grad[0, 1].item() == 0.0
+    assert x.grad[:, 1].abs().sum().item() == 0.0                # 0-bit activations pass no gradient
+    assert x.grad[:, 0].abs().sum().item() > 0
+    # LBA: 0-bit groups ranked lowest stay at 0 and use up slots: int(0.01·768) = 7 lowest, 3 of them at 0 bits
+    _, tuner, _ = quantized_resnet20()
+    m = dict(tuner.layers)['layer3.1.conv1']                      # 64 groups of 64·9 = 576 weights
+    m.bit_wgt[:3] = 0
+    m.update_quant_points()
+    set_errors(tuner, [('layer3.1.conv1', c) for c in range(7)], [])
+    assert tuner.sort_and_tune(0)['wgt'] == (4, 4 * 576)
+    assert m.bit_wgt[:8].tolist() == [0, 0, 0, 3, 3, 3, 3, 4]
+    assert tuner.compute_avg_bit()[0] == (4 * 269824 - 3 * 4 * 576 - 4 * 576) / 269824
+    assert torch.equal(m.points_wgt[0], QUANT_BASES[0])
+
+
+def test_lba_stop_rule_is_target_plus_0_07():
+    """Bits drop while the average is above target + 0.07 (not the target): all groups at 2 bits plus n groups at
+    3 bits. Weights: 33 of layer3.1.conv1's 576-weight groups -> 2 + 19008/269824 = 2.07045 > 2.07 (decrement);
+    32 -> 2.06831 (stop). Activations: 15 of layer1's 1024-element channels -> 2 + 15360/208896 = 2.07353 >
+    2.07; 14 -> 2.06863 (stop), although both are above the 2.0 target."""
+    for n_w, n_x, w_moves, x_moves in ((33, 15, True, True), (32, 14, False, False), (33, 14, True, False)):
+        _, tuner, _ = quantized_resnet20()
+        mods = dict(tuner.layers)
+        for _, m in tuner.layers:
+            m.bit_wgt.fill_(2)
+            m.bit_act.fill_(2)
+        mods['layer3.1.conv1'].bit_wgt[:n_w] = 3
+        mods['layer1.1.conv1'].bit_act[:n_x] = 3
+        for _, m in tuner.layers:
+            m.update_quant_points()
+        before = tuner.compute_avg_bit()
+        assert before == (2 + n_w * 576 / 269824, 2 + n_x * 1024 / 208896)
+        assert (before[0] > 2.07, before[1] > 2.07) == (w_moves, x_moves)
+        set_errors(tuner, [], [])
+        changed = tuner.sort_and_tune(0)
+        assert ('wgt' in changed, 'act' in changed) == (w_moves, x_moves)
+        assert (tuner.compute_avg_bit()[0] < before[0]) == w_moves
+        assert (tuner.compute_avg_bit()[1] < before[1]) == x_moves
+
 def test_errors_accumulate_only_while_quantize_cur():
     model, tuner, _ = quantized_resnet20()
     x = torch.randn(4, 3, 32, 32)
@@ -440,8 +527,9 @@ def test_quantizers_on_cuda_match_cpu():
         wd = w.to(dev).requires_grad_()
         a = torch.nn.Parameter(torch.tensor([3.0], device=dev))
         err = torch.zeros(4, device=dev)
-        y = quantize_act(xd, a, bits_a.to(dev), err)
-        q = quantize_wgt(wd, alpha_w.to(dev), pts.to(dev))
+        y = quantize_act(xd, a, bits_a.to(dev).view(1, 4, 1))
+        y.register_hook(lba_error_hook(err, xd, y, (0, 2), 150.0))
+        q = quantize_wgt(wd, alpha_w.to(dev).view(3, 1, 1, 1), pts.to(dev))
         ((y * torch.linspace(-1, 1, 50, device=dev)).sum() + (q ** 2).sum()).backward()
         out[dev] = [t.detach().cpu() for t in (y, q, xd.grad, wd.grad, a.grad, err)]
     for c, g in zip(out['cpu'], out['cuda']):

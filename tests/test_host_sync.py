@@ -23,8 +23,8 @@ QUANTIZERS = {"dambq": dambq_quant, "alignq.quant": alignq_quant, "alignq.baseli
 @pytest.mark.parametrize("paper", sorted(QUANTIZERS))
 def test_quantizer_forward_and_backward_have_no_host_sync(paper):
     funcs = dict(hot_functions(QUANTIZERS[paper]))
-    must = {"dambq": {"_WgtQuant.forward", "_WgtQuant.backward", "_ActQuant.backward", "nearest_level",
-                      "QuantConv2d.forward"},
+    must = {"dambq": {"_ClampSTE.forward", "_ClampSTE.backward", "quantize_wgt", "quantize_act", "lba_error_hook",
+                      "nearest_level", "QuantConv2d.forward", "QuantLinear.forward"},
             "alignq.quant": {"uniform_q", "WeightQuant.forward", "ActQuant.forward", "ADMM.forward"},
             "alignq.baselines": {"_LLSQRound.backward", "_APoTWeightFn.forward", "LSQQuantizer.forward"},
             "fdda": {"AsymmetricQuantFunction.forward", "QuantAct.forward", "Quant_Conv2d.forward"}}[paper]
@@ -38,7 +38,8 @@ PASSES = {"dambq.train": dambq_main.train, "dambq.validate": dambq_main.validate
           "alignq.evaluate": alignq_engine.evaluate, "fdda.Trainer.train": fdda_trainer.Trainer.train,
           "fdda.evaluate": fdda_trainer.evaluate, "alq.run_epoch": A.train.run_epoch}
 PER_STEP = {"alignq.sgd_step": alignq_engine.sgd_step, "alq.EpochStats.add": A.train.EpochStats.add,
-            "alq._hits": A.train._hits}
+            "alq._hits": A.train._hits, "dambq.collect_errors": dambq_quant._MultiBitMixin.collect_errors,
+            "dambq.update_alpha_wgt": dambq_quant._MultiBitMixin.update_alpha_wgt}
 
 
 @pytest.mark.parametrize("name", sorted(PASSES))

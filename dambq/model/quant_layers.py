@@ -5,9 +5,11 @@ Notation (paper §3, original model/quant_layers.py):
   (s ∈ {−1,+1}^4) after clipping to ±α_c, α_c a running (EMA) multiple CLIP_W[b_c] of mean|w_c|;
   activations of input channel c are rounded to 2^{b_c}−1 uniform steps on [0, α], α learnable (LSQ-like).
 
-The straight-through gradients are written out (custom autograd Functions, masks inclusive at both ends), not
-left to clamp/round autograd; the same backward accumulates the loss-aware quantization error of each group
-(|Σ_g (x − x_q)·∂L/∂x_q| / |g|, paper Eq. 9) that LBA (quant_tune.py) ranks, when the layer's `collect` is on.
+Both quantizers are the original's expressions in the original's order, differentiated by autograd, so that
+training is bitwise the original's; the only custom gradient is clamp's (`_ClampSTE`: passed on the closed
+interval, as on the torch the original ran on). While a layer's `collect` is on, gradient hooks on x_q and w_q
+accumulate the loss-aware quantization error of each group (|Σ_g (x − x_q)·∂L/∂x_q| / |g|, paper Eq. 9) that
+LBA (quant_tune.py) ranks, with the original's compute_residual operations.
 """
 import numpy as np
 import torch
@@ -65,76 +67,64 @@ def nearest_level(c, points, chunk=1 << 22):
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-class _WgtQuant(torch.autograd.Function):
-    """y = α·[((P(c) − c) + c)], c = clamp(w/(α+ε), −1, 1); ∂y/∂w = α/(α+ε)·1[−1 ≤ w/(α+ε) ≤ 1]."""
+class _ClampSTE(torch.autograd.Function):
+    """clamp(x, lo, hi) whose gradient is passed where lo ≤ x ≤ hi (both ends included) and is +0 outside:
+    clamp's gradient on the torch the original ran on. torch ≥ 2.14 gives 0 at the two ends, which matters here:
+    post-ReLU inputs are exactly 0 in large numbers, and w = ±(α+ε) can occur."""
 
     @staticmethod
-    def forward(ctx, w, alpha, points, err):
-        c = (w / (alpha + EPS)).clamp(-1, 1)
-        y = ((nearest_level(c, points) - c) + c) * alpha   # the original's STE expression, value included
-        ctx.save_for_backward(w, alpha, y)
-        ctx.err = err
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        w, alpha, y = ctx.saved_tensors
-        s = alpha + EPS
-        u = w / s
-        inside = ((u >= -1) & (u <= 1)).to(g.dtype)
-        if ctx.err is not None:   # LBA: |Σ_{i∈c}(w − w_q)_i·∂L/∂w_q,i| / (elements per group)
-            ctx.err.add_(((w - y) * g).sum(1).abs_().div_(w.shape[1]))
-        return g * inside * (alpha / s), None, None, None
-
-
-class _ActQuant(torch.autograd.Function):
-    """y = round(clamp(u, 0, 1)·Q)·α/(Q+ε), u = x/(α+ε), on x viewed (A, G, B), Q = 2^b_g − 1 per group g.
-
-    ∂y/∂x = 1[0 ≤ u ≤ 1]·k,  k = Q·α/((α+ε)(Q+ε));
-    ∂y/∂α = r/(Q+ε) − 1[0 ≤ u ≤ 1]·Q·α·x/((Q+ε)(α+ε)²) = y/α − (∂y/∂x)·x/(α+ε),  r = round(clamp(u)·Q),
-    so α's gradient is two dot products, Σ g·y/α − Σ (g·∂y/∂x)·x/(α+ε). The backward makes ~3 full-size passes
-    (5 while collecting LBA errors): the mask, scaled by k, is saved from the forward as floats.
-    """
-
-    @staticmethod
-    def forward(ctx, x, alpha, qmax, err):
-        s = alpha + EPS
-        qe = qmax + EPS
-        u = x / s
-        c = u.clamp(0, 1)
-        dydx = torch.eq(c, u, out=u).mul_(qmax * alpha / (s * qe))   # 1[0 <= u <= 1] (inclusive) · k, over u
-        y = c.mul_(qmax).round_().mul_(alpha).div_(qe)              # (round(c·Q)·α)/(Q+ε), the original's order
-        ctx.save_for_backward(x, alpha, y, dydx)
-        ctx.err = err
-        return y
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward((x >= lo) & (x <= hi))
+        return x.clamp(lo, hi)
 
     @staticmethod
     def backward(ctx, g):
-        x, alpha, y, dydx = ctx.saved_tensors
-        g = g.contiguous()
-        gx = g * dydx
-        galpha = None
-        if ctx.needs_input_grad[1]:
-            galpha = (torch.dot(g.view(-1), y.view(-1)) / alpha
-                      - torch.dot(gx.view(-1), x.reshape(-1)) / (alpha + EPS)).reshape(alpha.shape)
-        if ctx.err is not None:   # LBA: |Σ_{n,h,w}(x − x_q)·∂L/∂x_q| / (N·H·W) per channel
-            ctx.err.add_((x - y).mul_(g).sum((0, 2)).abs_().div_(x.shape[0] * x.shape[2]))
-        return gx, galpha, None, None
+        inside, = ctx.saved_tensors
+        return torch.where(inside, g, torch.zeros((), dtype=g.dtype, device=g.device)), None, None
 
 
-def quantize_wgt(w, alpha, points, err=None):
-    """Multi-bit weights: w (G·…) grouped along dim 0 into G = alpha.numel() groups (1 = layer-wise),
-    points (G, 16) the level rows of each group's bits; `err` (G,), when given, accumulates LBA errors."""
-    g = alpha.numel()
-    return _WgtQuant.apply(w.reshape(g, -1), alpha.reshape(g, 1), points, err).view_as(w)
+def clamp_ste(x, lo, hi):
+    return _ClampSTE.apply(x, lo, hi)
 
 
-def quantize_act(x, alpha, bits, err=None):
-    """Uniform unsigned activations: x (N, C, …) split into G = bits.numel() contiguous groups along dim 1
-    (channels; 1 = layer-wise), one learnable α [1]; `err` (G,), when given, accumulates LBA errors."""
-    g = bits.numel()
-    qmax = (torch.pow(2, bits) - 1).to(x.dtype).view(1, g, 1)
-    return _ActQuant.apply(x.reshape(x.shape[0], g, -1), alpha, qmax, err).view_as(x)
+def quantize_wgt(data, clip_scale, proj_set, layerwise=False):
+    """Multi-bit weights, the original's expression and order: c = clamp(w/(α+ε), −1, 1), y = ((P(c) − c) + c)·α,
+    with autograd's gradients (∂y/∂w = ((g·α)·1[|c| ≤ 1])/(α+ε); α gets one too when it requires grad).
+
+    data (G, …) holds G groups along dim 0 (channel-wise: one per row of proj_set) or any shape when layerwise
+    (proj_set one row); clip_scale broadcasts against data (the original passes alpha_wgt.view(-1, 1, 1, 1));
+    proj_set (G, 16) the level rows of each group's bits."""
+    x = clamp_ste(data / (clip_scale + EPS), -1, 1)
+    rows = proj_set.shape[0]
+    if layerwise and rows != 1:
+        raise ValueError(f"layer-wise weights need one level row, got {rows}")
+    if not layerwise and data.shape[0] != rows:
+        raise ValueError(f"channel-wise weights need one level row per group: {data.shape[0]} groups, {rows} rows")
+    xhard = nearest_level(x.detach().reshape(rows, -1), proj_set).view(x.shape)
+    y = (xhard - x).detach() + x
+    return y * clip_scale
+
+
+def quantize_act(data, clip_scale, bitwidth):
+    """Uniform unsigned activations, the original's expression and order: Q = 2^b − 1 (integer),
+    y = (round(clamp(x/(α+ε), 0, 1)·Q)·α)/(Q+ε), round with an identity gradient, autograd for x and α.
+    bitwidth (integer) and clip_scale broadcast against data (the original: views (1, C, 1, 1) and (1, 1, 1, 1))."""
+    quant_scale = 2 ** bitwidth - 1
+    x = clamp_ste(data / (clip_scale + EPS), 0, 1) * quant_scale
+    y = round_pass(x)
+    return y * clip_scale / (quant_scale + EPS)
+
+
+def lba_error_hook(err, data, quantized, dims, numel):
+    """A gradient hook for `quantized` that adds |Σ_dims (data − quantized)·∂L/∂quantized| / numel to `err`
+    (paper Eq. 9): the original's compute_residual (residual from the forward, retained gradient), with the
+    same operations in the same order, evaluated in backward instead of after optimizer.step()."""
+    data, quantized = data.detach(), quantized.detach()
+
+    def hook(grad):
+        res = data - quantized
+        err.add_(res.mul(grad).sum(dim=dims).abs().div(numel).view(-1))
+    return hook
 
 
 def quantize_8bit(x, bits=8):
@@ -180,13 +170,17 @@ class _MultiBitMixin:
             else:
                 self.alpha_wgt.copy_(cur * (1 - self.ema_decay) + self.ema_decay * self.alpha_wgt)
 
-    def quantized_inputs(self, x):
-        if self.training:
-            self.update_alpha_wgt()
-        on = self.collect and self.training and torch.is_grad_enabled()
-        x_q = quantize_act(x, self.alpha_act, self.bit_act, self.x_err if on else None)
-        w_q = quantize_wgt(self.weight, self.alpha_wgt, self.points_wgt, self.w_err if on else None)
-        return x_q, w_q
+    def collect_errors(self, x, x_q, w, w_q):
+        """While `collect` is on (training, with grad): LBA error hooks on x_q (x viewed (N, G_act, …)) and w_q
+        (w viewed (G_wgt, …)), summing over everything but the group dimension (over everything layer-wise)."""
+        if not (self.collect and self.training and torch.is_grad_enabled()):
+            return
+        for err, data, q, groups, dims in (
+                (self.x_err, x, x_q, self.groups_act, (0,) + tuple(range(2, x.dim()))),
+                (self.w_err, w, w_q, self.groups_wgt, tuple(range(1, w.dim())))):
+            if q.requires_grad:
+                q.register_hook(lba_error_hook(err, data, q, None if self.layerwise else dims,
+                                               data.numel() / groups))
 
     def update_quant_points(self):
         self.points_wgt = QUANT_BASES.to(self.bit_wgt.device).index_select(0, self.bit_wgt)
@@ -220,7 +214,11 @@ class QuantConv2d(_MultiBitMixin, nn.Conv2d):
                          layerwise)
 
     def forward(self, x):
-        x_q, w_q = self.quantized_inputs(x)
+        if self.training:
+            self.update_alpha_wgt()
+        x_q = quantize_act(x, self.alpha_act.view(1, -1, 1, 1), self.bit_act.view(1, -1, 1, 1))
+        w_q = quantize_wgt(self.weight, self.alpha_wgt.view(-1, 1, 1, 1), self.points_wgt, self.layerwise)
+        self.collect_errors(x, x_q, self.weight, w_q)
         return self._conv_forward(x_q, w_q, self.bias)
 
 
@@ -242,8 +240,15 @@ class QuantLinear(_MultiBitMixin, nn.Linear):
 
     def forward(self, x):
         lead = x.shape[:-1]
-        x_q, w_q = self.quantized_inputs(x.reshape(-1, self.in_features))
-        return F.linear(x_q, w_q, self.bias).view(*lead, self.out_features)
+        x = x.reshape(-1, self.in_features)
+        if self.training:
+            self.update_alpha_wgt()
+        x_r = x.view(x.shape[0], self.groups_act, -1)
+        w_r = self.weight.view(self.groups_wgt, -1, self.in_features)
+        x_q = quantize_act(x_r, self.alpha_act, self.bit_act.view(1, -1, 1))
+        w_q = quantize_wgt(w_r, self.alpha_wgt.view(-1, 1, 1), self.points_wgt, self.layerwise)
+        self.collect_errors(x_r, x_q, w_r, w_q)
+        return F.linear(x_q.view_as(x), w_q.view_as(self.weight), self.bias).view(*lead, self.out_features)
 
 
 class FirstConv2d(nn.Conv2d):
