@@ -7,6 +7,7 @@ trailing slash. Additions: --data_dir everywhere, --no-pretrained, --experiment,
 --grad_scaling, --corr_eps, --imagenet_weights, --max_iters, --name (see alignq/DEVIATIONS.md).
 """
 import argparse
+import math
 import re
 
 from common.checks import check_range
@@ -72,10 +73,16 @@ def milestones(tokens):
     """'[80, 120]' / '[80,' '120]' / '80 120' / '80,120' -> [80, 120]."""
     text = " ".join(str(t) for t in (tokens if isinstance(tokens, (list, tuple)) else [tokens]))
     parts = [p for p in re.split(r"[\s,\[\]]+", text) if p]
+    bad = UserError(f"--lr_decay_steps: expected ascending positive epochs like [80, 120], got {text!r}")
+    if text.count("[") != text.count("]") or text.count("[") > 1 or not parts:
+        raise bad
     try:
-        return [int(p) for p in parts]
+        steps = [int(p) for p in parts]
     except ValueError:
-        raise UserError(f"--lr_decay_steps: expected epochs like [80, 120], got {text!r}") from None
+        raise bad from None
+    if any(m < 1 for m in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+        raise bad
+    return steps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,7 +163,7 @@ def build_parser(experiment, admm=False, prog="main.py"):
     b("--grad_scaling", action="store_true", help="the paper's lam/lam2 gradient scaling (the original's is dead code)")
     b("--seed", type=int, default=None)
     b("--workers", type=int, default=2)
-    b("--max_iters", type=int, default=0, help="stop each epoch after N iterations (smoke runs; not a reproduction)")
+    b("--max_iters", type=int, default=None, help="stop each epoch after N iterations (smoke runs; not a reproduction)")
     return p
 
 
@@ -205,10 +212,12 @@ def parse_args(argv, experiment=None, admm=False, prog="main.py"):
     for name in ("num_epochs", "train_batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.lr < 0 or args.act_range <= 0:
-        raise UserError("--lr must be >= 0 and --act_range > 0")
+    if not math.isfinite(args.lr) or args.lr <= 0 or not args.act_range > 0:
+        raise UserError(f"--lr must be a finite number > 0 and --act_range > 0, got {args.lr} and {args.act_range}")
+    if args.max_iters is not None and args.max_iters < 1:
+        raise UserError(f"--max_iters {args.max_iters} is out of range: at least 1 iteration per epoch")
     for flag, lo, hi in (("momentum", 0, 1), ("weight_decay", 0, None), ("lr_gamma", 0, None), ("print_freq", 1, None),
-                         ("workers", 0, None), ("max_iters", 0, None), ("corr_eps", 0, None), ("param", 0, None),
+                         ("workers", 0, None), ("corr_eps", 0, None), ("param", 0, None),
                          ("img_size", 1, None), ("seed", 0, 2 ** 32 - 1)):
         check_range(f"--{flag}", getattr(args, flag), lo=lo, hi=hi)     # before any data is read: one line
     return args

@@ -176,7 +176,7 @@ def real_cifar_batches(n_per_class=20, seed=0):
 def test_real_cifar_loss_falls(bits):
     torch.manual_seed(0)
     x, y = real_cifar_batches()
-    args = parse_args(["--bitW", str(bits), "--abitW", str(bits), "--max_iters", "0"], "resnet-20-cifar-10")
+    args = parse_args(["--bitW", str(bits), "--abitW", str(bits), ], "resnet-20-cifar-10")
     model = engine.build_model(args)
     opt = engine.make_optimizer(model, args, 0.04, set())
     loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
