@@ -14,6 +14,7 @@ import torch
 
 from common import runs
 from test_fdda_scripts import CONF, FDDA, CaptureFixture, call
+from test_runs_fdda import bns_centers
 from fdda import BNScenters, dataloader, main_cosine_CBNS, models
 from fdda import test as fdda_test
 from fdda.bns import RECORD_FILE, bns_paths, check_centers, load_bns_centers
@@ -28,19 +29,7 @@ TINY = ("--img_size 32 --nEpochs 2 --iters_per_epoch 1 --warmup_epochs 1 --unfre
 def centers(tmp_path_factory):
     """(data root, save_ImageNet dir): BNScenters.py for a random mobilenetv2_w1 at 32 px on 3 generated
     classes, one validation image of class 1 being undecodable (BNScenters.py reads train/ only)."""
-    root = tmp_path_factory.mktemp("fdda_bad")
-    data = make(str(root / "data"), classes=3, train=1, val=2, size=36)
-    with open(os.path.join(data, "val", "c001", "broken.png"), "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n but the rest is not a PNG")
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.chdir(root)
-        code, _, err = call(BNScenters.main, ["BNScenters.py", "--model_name", MODEL, "--teacher_path", "random",
-                                              "--img_size", "32", "--dataPath", data], mp, CaptureFixture())
-    finally:
-        mp.undo()
-    assert code == 0, err
-    return data, str(root / "save_ImageNet")
+    return bns_centers(tmp_path_factory.mktemp("fdda_bad"), classes=3, val=2, broken_val=True)
 
 
 @pytest.fixture

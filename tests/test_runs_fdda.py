@@ -29,8 +29,16 @@ LINK = "save_ImageNet/log_imagenet_bs2_lr0.1000_TELCNN_baseline_optSGD_qw4_qa4_e
 @pytest.fixture(scope="module")
 def centers(tmp_path_factory):
     """(data root, save_ImageNet dir): BNScenters.py for a random mobilenetv2_w1 on 4 generated classes."""
-    root = tmp_path_factory.mktemp("fdda_runs")
-    data = make(str(root / "data"), classes=4, train=1, val=1, size=36)
+    return bns_centers(tmp_path_factory.mktemp("fdda_runs"), classes=4, val=1)
+
+
+def bns_centers(root, classes, val, broken_val=False):
+    """BNScenters.py for a random MODEL on `classes` generated classes (train 1, `val` images each, 36 px; with
+    broken_val, one undecodable val image in class 1, which BNScenters.py never reads); (data, save_ImageNet)."""
+    data = make(str(root / "data"), classes=classes, train=1, val=val, size=36)
+    if broken_val:
+        with open(os.path.join(data, "val", "c001", "broken.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n but the rest is not a PNG")
     mp = pytest.MonkeyPatch()
     try:
         mp.chdir(root)

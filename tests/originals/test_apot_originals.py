@@ -113,19 +113,6 @@ CIFAR_MAIN = [("args = parser.parse_args()", "args = parser.parse_args([])", 1),
               ("optimizer.zero_grad()", "optimizer.zero_grad(set_to_none=False)", 1)]
 
 
-def cifar_batches(n, batch, seed=1):
-    """CIFAR-shaped learnable batches: class c brightens channel c % 3 in a band of rows 3c..3c+2."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        y = torch.randint(0, 10, (batch,), generator=g)
-        x = torch.randn(batch, 3, 32, 32, generator=g) * 0.5
-        for i, c in enumerate(y.tolist()):
-            x[i, c % 3, 3 * c:3 * c + 3] += 2.0
-        out.append((x, y))
-    return out
-
-
 def run_cifar_pair(bit, steps=STEPS, batch=16, mutate=None):
     from apot.CIFAR10 import main as pmain
     root = orig.checkout("APoT_Quantization")
@@ -139,7 +126,7 @@ def run_cifar_pair(bit, steps=STEPS, batch=16, mutate=None):
             m.act_alq = om.act_quantization(bit, m.act_grid)
     ours = pmain.build_model(pmain.parser.parse_args(["--bit", str(bit)]))
     ours.load_state_dict(ref.state_dict(), strict=True)
-    batches = cifar_batches(steps, batch)
+    batches = orig.cifar_batches(steps, batch)
     lr, wd = 0.04, 1e-4                            # train_res20.sh's quantized stages
     groups = []
     for name, params in ref.named_parameters():    # the original main()'s groups, in its order

@@ -41,19 +41,6 @@ class NullLog:
         pass
 
 
-def cifar_batches(n, batch, seed=1):
-    """CIFAR-shaped learnable batches: class c brightens channel c % 3 in a band of rows 3c..3c+2."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        y = torch.randint(0, 10, (batch,), generator=g)
-        x = torch.randn(batch, 3, 32, 32, generator=g) * 0.5
-        for i, c in enumerate(y.tolist()):
-            x[i, c % 3, 3 * c:3 * c + 3] += 2.0
-        out.append((x, y))
-    return out
-
-
 def load_original():
     root = orig.checkout("DAMBQV2")
     return orig.load(root, "main_cifar10", patches={"model/quant_layers.py": QL, "main_cifar10.py": MAIN},
@@ -130,7 +117,7 @@ def run_pair(mutate=None):
     om = load_original()
     torch.manual_seed(0)
     init = om.resnet.resnet20().state_dict()
-    batches = cifar_batches(EPOCHS * BATCHES, BATCH)
+    batches = orig.cifar_batches(EPOCHS * BATCHES, BATCH)
     l_ref, r_ref = run_original(om, init, batches)
     l_ours, r_ours = run_project(init, batches, mutate)
     return l_ref, r_ref, l_ours, r_ours
