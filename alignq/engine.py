@@ -24,7 +24,7 @@ from alignq.options import EXPERIMENTS, parse_args
 from alignq.optim import OriginalSGD, quantized_indices
 from alignq.quant import admm_loss, admm_param_names, admm_update, weight_cdf
 from common import interrupt, runs
-from common.checks import check_results_writable, check_writable_dir, check_writable_file
+from common.checks import check_resume_flags, check_results_writable, check_writable_dir, check_writable_file
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import OFFICE31_DOMAINS
 from common.devdata import DeviceSums
@@ -481,13 +481,22 @@ def wanted(args):
     return expect(PAPER, model_name(args), bits=bits_of(args), scheme=scheme_name(args))
 
 
+# The flags that shape the optimisation and its schedule: a resumed run restores its optimizer and epoch, so
+# another value would be silently ignored (or mix two schedules); --resume refuses a change. --num_epochs may
+# change: the lr milestones are epochs, so a longer run continues the same schedule (a run extended).
+RESUME_FLAGS = {"lr": "--lr", "momentum": "--momentum",
+                "weight_decay": "--weight_decay", "train_batch_size": "--train_batch_size",
+                "lr_decay_steps": "--lr_decay_steps", "lr_gamma": "--lr_gamma"}
+
+
 def state_of(model, args, epoch, best, optimizer, recipe, finished=False):
     """The original's checkpoint keys (state_dict_t, optimizer_t, epoch, best_prec1) plus what it is."""
     ident = identity(PAPER, model_name(args), bits=bits_of(args), scheme=scheme_name(args),
                      stage="pretrain" if is_fp32(args) else "train", recipe=recipe, experiment=args.experiment,
                      finished=finished)
     return {"quantlab": ident, "state_dict_t": model.state_dict(), "epoch": int(epoch), "best_prec1": float(best),
-            "optimizer_t": optimizer.state_dict() if optimizer is not None else None, "rng": get_rng_state()}
+            "optimizer_t": optimizer.state_dict() if optimizer is not None else None, "rng": get_rng_state(),
+            "flags": {k: getattr(args, k) for k in RESUME_FLAGS}}
 
 
 def recipe_of(args, n_train, source_recipe=None):
@@ -534,6 +543,7 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
     elif args.resume:
         resume_ckpt = load_weights(model, args.resume, "--resume checkpoint", name)
         check_checkpoint(resume_ckpt, args.resume, wanted(args), flag="--resume")
+        check_resume_flags(resume_ckpt, args, args.resume, flags=RESUME_FLAGS, restart="--refine")
         start_epoch, best = int(resume_ckpt.get("epoch", 0)), float(resume_ckpt.get("best_prec1", 0.0))
         source_recipe = ((resume_ckpt.get("quantlab") or {}).get("recipe") or {}).get("stages", [None])[0]
     elif args.refine:

@@ -204,6 +204,9 @@ def parse_args(argv, experiment=None, admm=False, prog="main.py"):
     if args.experiment != experiment:     # an explicit --experiment in a per-experiment directory
         args = build_parser(args.experiment, admm, prog).parse_args(list(argv))
     args.lr_decay_steps = milestones(args.lr_decay_steps)
+    if args.resume and args.refine:
+        raise UserError("--resume (continue a run) and --refine (start a new run from a checkpoint's weights) "
+                        "contradict each other: pass one of them")
     if args.data_dir is None and args.dataset_root is not None:
         args.data_dir = args.dataset_root
     kind = EXPERIMENTS[args.experiment]["kind"]

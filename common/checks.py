@@ -108,7 +108,7 @@ def resume_flags(args, flags=SGD_RESUME_FLAGS):
     return {k: getattr(args, k) for k in flags}
 
 
-def check_resume_flags(ckpt, args, path, flags=SGD_RESUME_FLAGS, flag="--resume"):
+def check_resume_flags(ckpt, args, path, flags=SGD_RESUME_FLAGS, flag="--resume", restart="--pretrained/--init"):
     """Refuse to resume a run under other optimisation flags than it was trained with (those its checkpoint
     stores in 'flags'; a checkpoint without them, e.g. the original's, is not checked)."""
     stored = ckpt.get("flags") if isinstance(ckpt, dict) else None
@@ -118,4 +118,4 @@ def check_resume_flags(ckpt, args, path, flags=SGD_RESUME_FLAGS, flag="--resume"
         if k in stored and stored[k] != getattr(args, k):
             raise UserError(f"{flag} {path} was trained with {name} {stored[k]} but this run has {name} "
                             f"{getattr(args, k)}; resume with the run's own flags, or start a new run from its "
-                            f"weights (--pretrained/--init)")
+                            f"weights ({restart})")

@@ -178,3 +178,20 @@ def test_job_dir_that_is_not_a_run(tmp_path):
     os.remove(other / "notes.txt")                            # an empty directory becomes the link
     engine.run(tiny(tmp_path), "resnet-20-cifar-10")
     assert os.path.islink(other) and os.path.realpath(other) == run_dirs()[0]
+
+
+def test_resume_refuses_changed_optimisation_flags_and_refine(tmp_path):
+    """--resume restores the optimizer and schedule: another --lr (or momentum, decay, milestones, batch) would be
+    silently ignored, so it is refused before the run goes on; --resume with --refine contradict each other."""
+    argv = tiny(tmp_path, epochs=1)
+    engine.run(argv, "resnet-20-cifar-10")
+    last = os.path.join(str(tmp_path / "job"), "checkpoint", "model_last.pt")
+    assert set(torch.load(last, weights_only=True)["flags"]) == set(engine.RESUME_FLAGS)
+    before = sorted(os.listdir(run_dirs()[0]))
+    with pytest.raises(UserError, match=r"was trained with --lr .* but this run has --lr 0.123; .*\(--refine\)"):
+        engine.run(argv + ["--lr", "0.123", "--resume", last], "resnet-20-cifar-10")
+    with pytest.raises(UserError, match="--lr_decay_steps"):
+        engine.run(argv + ["--lr_decay_steps", "[7, 9]", "--resume", last], "resnet-20-cifar-10")
+    assert sorted(os.listdir(run_dirs()[0])) == before and len(run_dirs()) == 1
+    with pytest.raises(UserError, match="--resume .* and --refine .* contradict"):
+        engine.run(argv + ["--resume", last, "--refine", last], "resnet-20-cifar-10")
