@@ -12,9 +12,8 @@ import subprocess
 import pytest
 import torch
 
-from common import runs
 from test_fdda_scripts import CONF, FDDA, CaptureFixture, call
-from test_runs_fdda import bns_centers
+from test_runs_fdda import bns_centers, run_env
 from fdda import BNScenters, dataloader, main_cosine_CBNS, models
 from fdda import test as fdda_test
 from fdda.bns import RECORD_FILE, bns_paths, check_centers, load_bns_centers
@@ -34,12 +33,7 @@ def centers(tmp_path_factory):
 
 @pytest.fixture
 def env(centers, tmp_path, monkeypatch):
-    data, save = centers
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FDDA_DATA", data)
-    shutil.copytree(save, "save_ImageNet")
-    yield [os.path.join(FDDA, "main_cosine_CBNS.py"), "--model_name", MODEL, "--conf_path", CONF, "--id=0"] + TINY
-    runs.end_run()
+    yield from run_env(centers, tmp_path, monkeypatch, TINY)
 
 
 def no_record_of_the_centers():

@@ -50,14 +50,20 @@ def bns_centers(root, classes, val, broken_val=False):
     return data, str(root / "save_ImageNet")
 
 
-@pytest.fixture
-def env(centers, tmp_path, monkeypatch):
+def run_env(centers, tmp_path, monkeypatch, tiny):
+    """In tmp_path with a copy of the centers' save_ImageNet: yields main_cosine_CBNS.py's argv for MODEL with
+    the `tiny` flags; the run is closed after the test."""
     data, save = centers
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FDDA_DATA", data)
     shutil.copytree(save, "save_ImageNet")
-    yield [os.path.join(FDDA, "main_cosine_CBNS.py"), "--model_name", MODEL, "--conf_path", CONF, "--id=0"] + TINY
+    yield [os.path.join(FDDA, "main_cosine_CBNS.py"), "--model_name", MODEL, "--conf_path", CONF, "--id=0"] + tiny
     runs.end_run()
+
+
+@pytest.fixture
+def env(centers, tmp_path, monkeypatch):
+    yield from run_env(centers, tmp_path, monkeypatch, TINY)
 
 
 def train(argv, monkeypatch, capsys, f8l8=False):
