@@ -21,9 +21,9 @@ paper, `results/compare_<paper>.png` (axes from zero, measured rows only).
     python -m common.compare apot dambq   # print two papers (RESULTS.md still covers all five)
 """
 import argparse
-import json
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -493,6 +493,12 @@ def short_split(published, measured):
     return published if measured in (None, published) else f"{published}/{measured}"
 
 
+def same_number(p, q):
+    """Two published rows that are the same number published twice: a README row and the value its checkpoint
+    stores, equal to the README's two decimals (same model/dataset/setting/metric and split)."""
+    return key_of(p) == key_of(q) and p["split"] == q["split"] and abs(p["value"] - q["value"]) <= 0.005 + 1e-9
+
+
 def compact_cells(result):
     """The terminal view: one short row per published row, its notes numbered below the table (recipe,
     command and run directory are in the lists after it; --wide prints the full table)."""
@@ -502,8 +508,7 @@ def compact_cells(result):
         p, rec = entry["published"], entry["record"]
         # the same number published twice (a README row and the value its checkpoint stores, equal to the
         # README's two decimals): one row
-        twin = next((k for k, q in shown if key_of(q) == key_of(p) and q["split"] == p["split"]
-                     and abs(q["value"] - p["value"]) <= 0.005 + 1e-9), None)
+        twin = next((k for k, q in shown if same_number(q, p)), None)
         if twin is not None:
             notes[twin] += f"; also {readable(result['paper'], short_source(p['source']))}: {fmt_published(p)}"
             continue
@@ -645,11 +650,9 @@ def chart_groups(result):
     README row and the value its checkpoint stores, equal to two decimals) is drawn once, as the terminal
     table shows it once."""
     per_metric, missing, shown = {}, [], []
-    keys = [key_of(e["published"]) for e in result["rows"]]
     for entry in result["rows"]:
         p, rec = entry["published"], entry["record"]
-        if any(key_of(q) == key_of(p) and q["split"] == p["split"] and abs(q["value"] - p["value"]) <= 0.005 + 1e-9
-               for q in shown):
+        if any(same_number(q, p) for q in shown):
             continue
         shown.append(p)
         if rec is None:
@@ -657,9 +660,8 @@ def chart_groups(result):
             continue
         differs = any(n.startswith("split differs") for n in entry["notes"])
         label = f"{p['model']} {p['setting']} {p['dataset']}"
-        twins = [q for q in result["rows"] if key_of(q["published"]) == key_of(p)
-                 and abs(q["published"]["value"] - p["value"]) > 0.005 + 1e-9]
-        if keys.count(key_of(p)) > 1 and twins:   # the same setting published twice with other numbers
+        if any(key_of(q["published"]) == key_of(p) and not same_number(q["published"], p) for q in result["rows"]):
+            # the same setting published twice with other numbers: say which row this is
             label += f" [{readable(result['paper'], short_source(p['source']))[:40]}]"
         if differs:
             label += f"\n(published on {p['split']}, measured on {rec.get('split')})"
