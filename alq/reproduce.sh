@@ -2,7 +2,7 @@
 # make reproduce-alq: the README's LeNet5 recipe on MNIST, once per seed, each in its own run directory
 # (runs/alq/lenet5-seed<N>[-<variant>]/), exported bit-packed, then `compare alq` (mean, std, min-max over seeds).
 #
-#   DATA=/path/to/mnist-root   folder holding MNIST/raw (default ../shared/data if present, else ./data,
+#   DATA=/path/to/mnist-root   folder holding MNIST/raw (default $QUANTLAB_DATA, else <repo>/data,
 #                              where torchvision downloads MNIST if the network allows)
 #   SEEDS="1 2 3"              seeds to run (default 1); each is the whole recipe (PRETRAIN, ALQ, POSTTRAIN)
 #   VARIANT=stable_tie_order   run the ALQ and POSTTRAIN stages again with --<VARIANT> (stable_tie_order,
@@ -16,9 +16,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
-if [ -z "${DATA:-}" ]; then
-    if [ -d "$ROOT/../shared/data" ]; then DATA="$(cd "$ROOT/../shared/data" && pwd)"; else DATA="$ROOT/data"; fi
-fi
+DATA="${DATA:-${QUANTLAB_DATA:-$ROOT/data}}"
+case "$DATA" in /*) ;; *) DATA="$PWD/$DATA" ;; esac   # relative to where it was typed: the runs start in alq/
 PY="${PYTHON:-python}"
 RUNS="${QUANTLAB_RUNS:-$ROOT/runs}"
 export OMP_NUM_THREADS="${ALQ_THREADS:-1}" MKL_NUM_THREADS="${ALQ_THREADS:-1}"

@@ -23,12 +23,13 @@ from binarynet import STRUCTURES, average_bitwidth, make_binary_layers, split_pa
 from common import interrupt, runs
 from common.checks import check_range, check_results_writable, check_writable_dir, check_writable_file
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from common.data import data_root
 from common.device import get_rng_state, seed_everything, set_rng_state, setup_distributed
 from common.errors import UserError
 from common.identity import IDENTITY_KEY, identity, sha256_file
 from common.meters import progress
-from common.runlog import QuietLog
-from common.results import combine_recipes, recipe_info, record
+from common.runlog import QuietLog, epoch_label
+from common.results import combine_recipes, recipe_info, record, results_dir
 from myoptimizer import ALQ_optimizer
 from pack import KB, export_packed, load_packed, storage_breakdown, storage_KB
 
@@ -673,7 +674,8 @@ def alq_argparser(description, defaults, dataset_help):
     """Every flag of the original scripts, with the script's defaults, plus this project's additions."""
     d = defaults
     p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--data", type=str, default="./data", help=dataset_help)
+    p.add_argument("--data", type=str, default=data_root(),
+                   help=dataset_help + " (default: $QUANTLAB_DATA, else ./data)")
     p.add_argument("--val_size", type=int, default=d["val_size"],
                    help="the number of training samples held out for validation")
     p.add_argument("--model_ori", type=str, default=d["model_ori"],
@@ -1013,7 +1015,8 @@ def pretrain(st, make_optimizer, lr_schedule, epochs):
         optimizer.load_state_dict(ck["optimizer_state_dict"])
         start, best_acc = int(ck["epoch"]), float(ck["best_acc"])
         set_rng_state(dist.own(ck, "rng"))
-        log.info(f"resuming PRETRAIN at epoch {start}{_at_batch(ck)} (best val {best_acc:.2f})")
+        at = f"at {epoch_label(start, epochs)}" if start < epochs else f"after its last epoch ({epochs})"
+        log.info(f"resuming PRETRAIN {at}{_at_batch(ck)} (best val {best_acc:.2f})")
     ident = st.ident("PRETRAIN", stage_recipe(args, "PRETRAIN"))
     if best_acc is None:
         best_acc = st.evaluate(net, "val")["top1"]
@@ -1027,16 +1030,16 @@ def pretrain(st, make_optimizer, lr_schedule, epochs):
         for epoch in range(start, epochs):
             if not ctl.mid_epoch:
                 lr_schedule(optimizer, epoch)
-            ctl.where = f"PRETRAIN epoch {epoch}"
+            ctl.where = f"PRETRAIN {epoch_label(epoch, epochs)}"
             t0 = time.time()
-            s = train_fullprecision(fwd, st.train_loader, st.loss_func, optimizer, st.device, desc=f"pretrain {epoch}",
-                                    **st.train_kw(ctl))
+            s = train_fullprecision(fwd, st.train_loader, st.loss_func, optimizer, st.device,
+                                    desc=f"pretrain {epoch + 1}/{epochs}", **st.train_kw(ctl))
             st.epoch_done(net, (), ctl.where)
-            log.info(f"pretrain epoch {epoch} lr {optimizer.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                     f"({time.time() - t0:.0f}s; stage {eta.line(epoch + 1)})")
+            log.info(f"pretrain {epoch_label(epoch, epochs)} lr {optimizer.param_groups[0]['lr']:.3g}: "
+                     f"train {st.fmt(s)} ({time.time() - t0:.0f}s; stage {eta.line(epoch + 1)})")
             v = st.evaluate(net, "val")["top1"]
-            log.scalar("pretrain/train_loss", s["loss"], epoch)
-            log.scalar("pretrain/val_top1", v, epoch)
+            log.scalar("pretrain/train/loss", s["loss"], epoch + 1)
+            log.scalar("pretrain/val/top1", v, epoch + 1)
             log.flush()
             if v > best_acc:
                 best_acc = v
@@ -1092,7 +1095,8 @@ def resume_stage(rpath, net, args, legacy_flip, stage, num_steps, log, dist=None
     load_optimizers(ck, optimizer_w, optimizer_b, rpath)
     start, best_acc = int(ck["next"]), float(ck["best_acc"])
     set_rng_state(dist.own(ck, "rng"))
-    log.info(f"resuming {stage} at step {start}/{num_steps}{_at_batch(ck)}")
+    at = f"at step {start + 1}/{num_steps}" if start < num_steps else f"after its last step ({num_steps})"
+    log.info(f"resuming {stage} {at}{_at_batch(ck)}")
     return params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc
 
 
@@ -1154,9 +1158,10 @@ def alq(st):
                     set_lr(opts, args.lr)
                 if phase != "prune":
                     scale_lr(opts, args.ld_basis if phase == "basis" else args.ld_coord)
-            ctl.where = f"ALQ step {i + 1}/{len(sched)} (r {r} {phase} epoch {e})"
+            n_phase = {"basis": args.epoch_basis, "coord": args.epoch_coord, "prune": args.epoch_prune}[phase]
+            ctl.where = f"ALQ step {i + 1}/{len(sched)} (r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)})"
             t0 = time.time()
-            kw = dict(desc=f"r{r} {phase} {e}", **st.train_kw(ctl))
+            kw = dict(desc=f"r{r + 1} {phase} {e + 1}/{n_phase}", **st.train_kw(ctl))
             if phase == "basis":
                 s = train_basis(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
             elif phase == "coord":
@@ -1166,13 +1171,14 @@ def alq(st):
                 s = prune(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
                           device, **kw)
             st.epoch_done(net, params_bin, ctl.where)
-            log.info(f"ALQ r {r} {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
+            log.info(f"ALQ r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)} "
+                     f"lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
                      f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
             v = st.evaluate(net, "val")["top1"]
             step = i + 1
-            log.scalar("alq/train_loss", s["loss"], step)
-            log.scalar("alq/val_top1", v, step)
-            log.scalar("alq/avg_bit", average_bitwidth(params_bin), step)
+            log.scalar("alq/train/loss", s["loss"], step)
+            log.scalar("alq/val/top1", v, step)
+            log.scalar("bits/avg", average_bitwidth(params_bin), step)
             log.flush()
             if phase == "prune":
                 best_acc = v  # the original resets best_acc after every pruning
@@ -1254,17 +1260,19 @@ def posttrain(st):
                 if phase == "coord" and e == 0 and st.post_coord_lr is not None:
                     set_lr(opts, st.post_coord_lr)
                 scale_lr(opts, 0.95 if phase == "ste" else 0.9)
-            ctl.where = f"POSTTRAIN step {i + 1}/{len(sched)} ({phase} epoch {e})"
+            n_phase = ste_epochs if phase == "ste" else coord_epochs
+            ctl.where = f"POSTTRAIN step {i + 1}/{len(sched)} ({phase} {epoch_label(e, n_phase)})"
             t0 = time.time()
-            kw = dict(desc=f"ste {e}" if phase == "ste" else f"post coord {e}", **st.train_kw(ctl))
+            kw = dict(desc=f"ste {e + 1}/{n_phase}" if phase == "ste" else f"post coord {e + 1}/{n_phase}",
+                      **st.train_kw(ctl))
             train = train_basis_STE if phase == "ste" else train_coordinate
             s = train(fwd, st.train_loader, st.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
             st.epoch_done(net, params_bin, ctl.where)
-            log.info(f"POSTTRAIN {phase} epoch {e} lr {optimizer_w.param_groups[0]['lr']:.3g}: train {st.fmt(s)} "
-                     f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
+            log.info(f"POSTTRAIN {phase} {epoch_label(e, n_phase)} lr {optimizer_w.param_groups[0]['lr']:.3g}: "
+                     f"train {st.fmt(s)} ({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
             v = st.evaluate(net, "val")["top1"]
-            log.scalar("posttrain/train_loss", s["loss"], i + 1)
-            log.scalar("posttrain/val_top1", v, i + 1)
+            log.scalar("posttrain/train/loss", s["loss"], i + 1)
+            log.scalar("posttrain/val/top1", v, i + 1)
             log.flush()
             if v > best_acc:
                 best_acc = v
@@ -1472,5 +1480,8 @@ def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, 
     record("alq", arch, dataset, "n/a", setting, "storage_KB", skb, n, extra=extra, recipe=recipe)
     if packed_kb is not None:
         record("alq", arch, dataset, "n/a", setting, "packed_KB", packed_kb, n, extra=extra, recipe=recipe)
+    # record() says where on the console only; log.txt says it too
+    log.detail(f"records appended to {os.path.join(results_dir(), 'alq.jsonl')} and "
+               f"{os.path.join(run_dir, 'records.jsonl')}")
     runs.end_run()
     dist.close()

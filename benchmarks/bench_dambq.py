@@ -1,10 +1,10 @@
 """DAMBQ: one ResNet-20 training step (forward, backward, SGD step, LBA error bookkeeping) against the FP32 step.
 
-Three variants, timed interleaved in one process (step by step, so that other load hits all alike; median of
+Four variants, timed interleaved in one process (step by step, so that other load hits all alike; median of
 --steps), peak memory measured in a fresh subprocess per variant:
   fp32      the float CIFAR ResNet-20;
-  dambq     dambq.model (custom straight-through Functions that also accumulate the LBA errors in backward),
-            W2.0A2.0 while bits are still allocated (the most expensive step);
+  dambq     dambq.model (the original's expressions through autograd, clamp's gradient custom, LBA errors from
+            gradient hooks in the same backward), W2.0A2.0 while bits are still allocated (the most expensive step);
   dambq-w4a4  the same at W4A4 (targets met: no errors to accumulate);
   original  the same layers written as the original does it: autograd clamp/round, a levels x elements argmin,
             retained x_q/w_q gradients and stored residuals, the errors summed after optimizer.step().

@@ -469,10 +469,14 @@ def _runs_text(result):
     out = []
     cmds = commands_of(result)
     if cmds:
-        out += ["", "commands and run directories:"] + [f"  {c}" for c in cmds]
+        # wrapped, so the default output fits a 120-column terminal (--wide prints each on one line)
+        out += ["", "commands and run directories:"] + [
+            textwrap.fill(c, 118, initial_indent="  ", subsequent_indent="      ", break_on_hyphens=False,
+                          break_long_words=True) for c in cmds]
     header, cells = seed_run_cells(result)
     if cells:
-        out += ["", SEED_RUNS_TITLE, text_table(header, cells)]
+        # the terminal view leaves out the run column (the commands above name each run) to fit 120 columns
+        out += ["", SEED_RUNS_TITLE, text_table(header[:-1], [c[:-1] for c in cells])]
     return out
 
 
@@ -552,16 +556,18 @@ def format_text(result, wide=False):
             for i, note in footnotes_of(result)[1]]
     out += _runs_text(result)
 
-    def measured(r):
-        return (r.get("model"), r.get("dataset"), r.get("setting"), r.get("metric"), fmt_value_short(r),
-                r.get("_origin", "local"), f"{r.get('n_samples', 0):,}", r.get("split", "?"),
-                textwrap.shorten(recipe_text(r), 48, placeholder=" ..."))
+    def measured(records):
+        """The table of `records`, the recipe column cut to what is left of 120 columns."""
+        cells = [(r.get("model"), r.get("dataset"), r.get("setting"), r.get("metric"), fmt_value_short(r),
+                  r.get("_origin", "local"), f"{r.get('n_samples', 0):,}", r.get("split", "?")) for r in records]
+        room = 120 - 2 - len(text_table(COMPACT_MEASURED[:-1], cells).splitlines()[1])
+        return text_table(COMPACT_MEASURED, [c + (textwrap.shorten(recipe_text(r), max(room, 20), placeholder=" ..."),)
+                                             for c, r in zip(cells, records)])
     if result["measured_only"]:
-        out += ["", "measured only (no published counterpart):",
-                text_table(COMPACT_MEASURED, [measured(r) for r in result["measured_only"]])]
+        out += ["", "measured only (no published counterpart):", measured(result["measured_only"])]
     if result.get("shortened"):
         out += ["", "shortened runs (not reproductions; --include-shortened pairs them):",
-                text_table(COMPACT_MEASURED, [measured(r) for r in result["shortened"]])]
+                measured(result["shortened"])]
     return "\n".join(out) + "\n"
 
 

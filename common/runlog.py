@@ -2,10 +2,23 @@
 
     log = RunLog("result/res20_4bit", args)   # writes manifest.json, opens log.txt and tensorboard
     log.info("epoch 1 top1 91.2")
-    log.scalar("acc1_val", 91.2, step)
+    log.scalar("val/top1", 91.2, step)
+
+One tensorboard tag scheme for all five papers (RunLog.scalar refuses any other tag):
+    [<stage>/]<split>/<metric>   split: train | val | test; metric: loss, top1, top5, lr, or a
+                                 paper's own loss term (kd_loss, ...); stage names one of a run's
+                                 stages (ALQ: pretrain, alq, posttrain)
+    alpha/<layer>/<weight|act>   learned clipping thresholds (APoT)
+    bits/<name>                  bit allocation (DAMBQ: bits/w_avg, bits/x_avg)
+`val` is the evaluation the paper's protocol reports (APoT MNIST: its training split, as the
+original did); `test` is a held-out split shown beside it.
+
+One epoch convention for what people read: epochs count from 1 and a range includes both ends
+(`epoch_label`, `epoch_span`), whatever 0-based counter a script keeps for the original's sake.
 """
 import json
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -100,6 +113,32 @@ def write_manifest(run_dir, man):
     os.replace(tmp, path)
 
 
+TAG = re.compile(r"^(?:[a-z][a-z0-9_]*/)?(?:train|val|test)/[a-z][a-z0-9_]*$"
+                 r"|^alpha/[A-Za-z0-9_.]+/(?:weight|act)$|^bits/[a-z][a-z0-9_]*$")
+
+
+def check_tag(tag):
+    """`tag` itself when it follows the scheme above, else ValueError (a programming error, not user input)."""
+    if not isinstance(tag, str) or not TAG.match(tag):
+        raise ValueError(f"tensorboard tag {tag!r} does not follow [<stage>/]<train|val|test>/<metric>, "
+                         "alpha/<layer>/<weight|act> or bits/<name> (common/runlog.py)")
+    return tag
+
+
+def epoch_label(epoch, total):
+    """`epoch 3/25` for the 0-based `epoch` 2 of `total`."""
+    return f"epoch {epoch + 1}/{total}"
+
+
+def epoch_span(start, end):
+    """The 0-based half-open range [start, end) as people read it: `epochs 3-25` (both ends included)."""
+    if end <= start:
+        return "no epochs left"
+    if end - start == 1:
+        return f"epoch {end}"
+    return f"epochs {start + 1}-{end}"
+
+
 class RunLog:
     """Text log + tensorboardX + manifest.json in `run_dir`. `tensorboard=False` skips the writer.
 
@@ -135,6 +174,7 @@ class RunLog:
             self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def scalar(self, tag, value, step):
+        check_tag(tag)
         if self._tensorboard and self.writer is None and not self._closed:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
@@ -164,7 +204,7 @@ class QuietLog:
         pass
 
     def scalar(self, tag, value, step):
-        pass
+        check_tag(tag)
 
     def flush(self):
         pass

@@ -25,17 +25,18 @@ import torch
 import torch.nn as nn
 import torchvision.transforms as transforms
 
-from common import REPO_ROOT, interrupt, runs
+from common import interrupt, runs
 from common.checkpoint import (extract_state_dict, load_checkpoint, load_model_state, restore_training_state,
                                save_checkpoint, strip_module_prefix, training_state)
 from common.checks import check_range, check_results_writable, check_sgd_flags, check_writable_dir
-from common.data import cifar10
+from common.data import cifar10, data_root
 from common.devdata import DeviceSums
 from common.device import get_device, get_rng_state, seed_everything
 from common.errors import UserError, run_main
 from common.identity import check_checkpoint, expect, identity
 from common.meters import AverageMeter, accuracy, progress
 from common.results import combine_recipes, recipe_info, record
+from common.runlog import epoch_label, epoch_span
 from dambq.model import QuantTune
 from dambq.model.cifar10.resnet import MODELS
 from dambq.model.quant_layers import MAX_BIT
@@ -48,6 +49,10 @@ NORMALIZE = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 
 RUN_KEYS = ('arch', 'quantize', 'wgt_target', 'act_target', 'layerwise', 'duration', 'keep_fc_bias', 'option_a')
 # the flags that shape the optimisation: --continue repeats them (checked where the checkpoint stores them)
 SCHEDULE_KEYS = ('epochs', 'batch_size', 'lr', 'momentum', 'weight_decay', 'max_iters')
+# tensorboard tag of each per-epoch history entry (the checkpoint's history keeps its keys for --continue);
+# the step is the 1-based number of the epoch just finished (common.runlog)
+TB_TAGS = {'train_loss': 'train/loss', 'train_prec1': 'train/top1', 'prec1': 'val/top1', 'test_loss': 'val/loss',
+           'lr': 'train/lr'}
 
 
 class Parser(argparse.ArgumentParser):
@@ -80,9 +85,9 @@ def bit_target(v):
 parser = Parser(description='Propert ResNets for CIFAR10 in pytorch (DAMBQ)')
 parser.add_argument('--arch', '-a', metavar='ARCH', default='resnet32', choices=list(MODELS),
                     help='model architecture: ' + ' | '.join(MODELS) + ' (default: resnet32)')
-parser.add_argument('--data', metavar='DIR', default=os.path.join(REPO_ROOT, 'data'),
+parser.add_argument('--data', metavar='DIR', default=None,
                     help='CIFAR-10 root: cifar-10-batches-py/, train/<class>/*.png + test/<class>/*.png, '
-                         'or a folder holding cifar10/ (default: <repo>/data)')
+                         'or a folder holding cifar10/ (default: $QUANTLAB_DATA, else ./data)')
 parser.add_argument('--checkpoint-dir', '--save-dir', dest='checkpoint_dir', metavar='DIR', default=None,
                     help='folder of the runs (default: <repo>/runs/dambq, or $QUANTLAB_RUNS/dambq): a run writes '
                          '<checkpoint-dir>/<expr-name>-<time>/ (or <checkpoint-dir>/<name>/ with --name), and when '
@@ -126,6 +131,9 @@ parser.add_argument('--max-iters', default=None, type=int, metavar='N',
                     help='smoke runs: stop each training epoch after N iterations (recorded as shortened)')
 parser.add_argument('--keep-fc-bias', action='store_true',
                     help='keep the classifier bias when quantizing (the original drops it)')
+parser.add_argument('--print-bits', action='store_true',
+                    help='at the end, print the per-layer bits and clips of every quantized layer (always written '
+                         'to log.txt; the console gets one summary line)')
 parser.add_argument('--pretrained-option-a', action='store_true',
                     help='build the option-A ResNet (zero-padding shortcuts, head `linear`) of '
                          'akamaster/pytorch_resnet_cifar10 to start from its FP32 checkpoint; this is NOT the '
@@ -147,6 +155,8 @@ def parse_duration(tokens):
 def parse_args(argv=None):
     """The flags, with every range checked (one line, exit 2) before anything is read."""
     args = parser.parse_args(argv)
+    if args.data is None:                          # read when the run starts, not when the module is imported
+        args.data = data_root()
     args.duration = parse_duration(args.duration)
     args.option_a = args.pretrained_option_a
     if args.quantize and not (args.pretrained or args.resume or args.continue_run is not None):
@@ -176,6 +186,9 @@ def parse_args(argv=None):
     if targets and not args.quantize:
         raise UserError(f"{' and '.join(targets)} set the quantized bit targets, but without --quantize the run "
                         f"trains and records the float model: add --quantize")
+    if args.print_bits and not args.quantize:
+        raise UserError("--print-bits prints the per-layer bits of a quantized model, but without --quantize there "
+                        "are none: add --quantize")
     if args.half and not torch.cuda.is_available():
         raise UserError("--half needs a CUDA device (half-precision convolutions are not supported on CPU here)")
     return args
@@ -252,8 +265,8 @@ def checkpoint_recipe(ckpt, ident):
     recipe = (ident or {}).get('recipe') or (ckpt.get('recipe') if isinstance(ckpt, dict) else None)
     if recipe is None or not ident or ident.get('finished', True):
         return recipe
-    return dict(recipe, full=False, summary=f"{recipe.get('summary')}; unfinished run (checkpoint after epoch "
-                                            f"{ident.get('epoch')} of {ident.get('epochs')})")
+    return dict(recipe, full=False, summary=f"{recipe.get('summary')}; unfinished run (checkpoint after "
+                                            f"{ident.get('epoch')} of {ident.get('epochs')} epochs)")
 
 
 def flags_for(ident, flag, evaluate=False):
@@ -328,7 +341,7 @@ def train(train_loader, model, criterion, optimizer, epoch, device, args, log, s
     model.train()
     end = time.time()
     batches = itertools.islice(train_loader, n_iter)
-    for i, (input, target) in enumerate(progress(batches, desc=f'epoch {epoch}', total=n_iter)):
+    for i, (input, target) in enumerate(progress(batches, desc=epoch_label(epoch, args.epochs), total=n_iter)):
         if i < skip:
             continue
         data_time.update(time.time() - end)
@@ -505,6 +518,7 @@ def evaluate(args, model, tuner, start, val_loader, criterion, device, seed):
     if tuner is not None:
         w_bit, x_bit = tuner.compute_avg_bit()
         print(f'w_avg_bit: {w_bit}  x_avg_bit: {x_bit}')
+        report_bits(args, tuner, print)
         extra.update(w_avg_bit=w_bit, x_avg_bit=x_bit)
     record('dambq', model_name(args), 'cifar10', 'test', setting_of(args), 'top1', prec1, n_test, extra=extra,
            recipe=start['recipe'], seed=seed)
@@ -553,6 +567,7 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
         log.info(line)
     if tuner is not None:
         tuner.logger = log.info
+        tuner.epochs = args.epochs                 # its LBA lines name the epoch as `epoch 3/300`
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     for group in optimizer.param_groups:
         group.setdefault('initial_lr', group['lr'])
@@ -571,11 +586,13 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
         if skip:
             p = ckpt['partial']
             sums = (p['loss_sum'], p['correct_sum'], p['seen'])
-        log.info(f'==> continue {cont_path} at epoch {start_epoch}' + (f' batch {skip}' if skip else '')
-                 + f' (best Prec@1 {best_prec1:.3f} at epoch {best_epoch})')
+        best_at = f'at {epoch_label(best_epoch, args.epochs)}' if best_epoch >= 0 else 'none yet'
+        log.info(f'==> continue {cont_path} at {epoch_label(start_epoch, args.epochs)}'
+                 + (f' batch {skip + 1}' if skip else '') + f' (best Prec@1 {best_prec1:.3f} {best_at})')
     n_iter = min(args.max_iters or len(train_loader), len(train_loader))
     log.info(f'==> {args.arch} {setting_of(args)}: {len(train_loader.dataset)} train images, {n_iter} it/epoch of '
-             f'{args.batch_size}, test on {size_note}, epochs {start_epoch}..{args.epochs - 1}, output {run_dir}')
+             f'{args.batch_size}, test on {size_note}, {epoch_span(start_epoch, args.epochs)} of {args.epochs}, '
+             f'output {run_dir}')
     eta = runs.ETA(args.epochs, start_epoch, n_iter, say=log.info)
 
     def state_at(epoch, errors=False, **extra):
@@ -594,7 +611,7 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
                                   'seen': seen}, errors=True)
         save_checkpoint(state, latest)
         log.flush()
-        stopped['at'] = f'epoch {epoch} batch {i + 1}'
+        stopped['at'] = f'{epoch_label(epoch, args.epochs)} batch {i + 1}'
         interrupt.stop(stopped['at'])
 
     prec1, saved, epoch = None, (start_epoch if ckpt is not None else None), start_epoch
@@ -618,18 +635,18 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
                     w_bit, x_bit = tuner.compute_avg_bit()
                     log.info(f'epoch: {epoch}  w_avg_bit: {w_bit}  x_avg_bit: {x_bit}.')
                     entry.update(w_avg_bit=w_bit, x_avg_bit=x_bit)
-                    log.scalar('w_avg_bit', w_bit, epoch)
-                    log.scalar('x_avg_bit', x_bit, epoch)
+                    log.scalar('bits/w_avg', w_bit, epoch + 1)
+                    log.scalar('bits/x_avg', x_bit, epoch + 1)
                 prec1, test_loss = validate(val_loader, model, criterion, device, args, log.info)
                 if prec1 > best_prec1:
                     best_prec1, best_epoch = prec1, epoch
                 log.info(' * Prec@1 {:.3f} , Best Prec@1 {:.3f}'.format(prec1, best_prec1))
                 entry.update(prec1=prec1, test_loss=test_loss, lr=optimizer.param_groups[0]['lr'])
                 history.append(entry)
-                for k in ('train_loss', 'train_prec1', 'prec1', 'test_loss', 'lr'):
-                    log.scalar(k, entry[k], epoch)
+                for k, tag in TB_TAGS.items():
+                    log.scalar(tag, entry[k], epoch + 1)
                 log.flush()
-                log.info(f'=> epoch {epoch + 1}/{args.epochs}: Prec@1 {prec1:.3f} (best {best_prec1:.3f}); '
+                log.info(f'=> {epoch_label(epoch, args.epochs)}: Prec@1 {prec1:.3f} (best {best_prec1:.3f}); '
                          f'{eta.line(epoch + 1)}')
                 stop = interrupt.requested()          # a signal during the test pass: stop after this epoch
                 if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or best_epoch == epoch or stop:
@@ -640,15 +657,16 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
                     if best_epoch == epoch:
                         save_checkpoint(state, os.path.join(run_dir, BEST))
                 if stop:
-                    stopped['at'] = f'after epoch {epoch}'
+                    stopped['at'] = f'after {epoch_label(epoch, args.epochs)}'
                     interrupt.stop(stopped['at'])
     except KeyboardInterrupt as e:      # common.errors.run_main prints e.message and exits 130/143
         if stopped:
             e.message = (f"{stopped['at']}: resumable checkpoint saved to {latest}; rerun with the same flags plus "
                          f"--continue")
         else:
-            e.message = (f'stopped in epoch {epoch}; ' + (f'{latest} holds {saved} finished epochs: rerun with the '
-                         f'same flags plus --continue' if saved else 'no epoch was saved yet'))
+            e.message = (f'stopped in {epoch_label(epoch, args.epochs)}; '
+                         + (f'{latest} holds {saved} finished epochs: rerun with the same flags plus --continue'
+                            if saved else 'no epoch was saved yet'))
         raise
 
     if prec1 is not None:
@@ -663,19 +681,30 @@ def train_run(args, model, tuner, start, ckpt, cont_path, run_dir, train_loader,
         record('dambq', name, 'cifar10', 'test', setting, 'top1', prec1, n_test,
                extra=dict(extra, selection='last epoch (as the README reports)'))
         record('dambq', name, 'cifar10', 'test', setting, 'top1_best', best_prec1, n_test,
-               extra=dict(extra, selection=f'best epoch ({best_epoch}) on the test set'))
+               extra=dict(extra, selection=f'best epoch ({epoch_label(best_epoch, args.epochs)}) on the test set'))
         if tuner is not None:
-            for line in tuner.show_avg_bit():                     # final per-layer bits and clips
-                log.info(line)
+            report_bits(args, tuner, log.info, log.detail)
             w_bit, x_bit = tuner.compute_avg_bit()
             record('dambq', name, 'cifar10', 'n/a', setting, 'avg_bits_wgt', w_bit, n_test, extra=extra)
             record('dambq', name, 'cifar10', 'n/a', setting, 'avg_bits_act', x_bit, n_test, extra=extra)
-        log.info(f'==> {setting}: last-epoch Prec@1 {prec1:.3f}, best {best_prec1:.3f} (epoch {best_epoch}) on '
-                 f'{size_note}')
+        log.info(f'==> {setting}: last-epoch Prec@1 {prec1:.3f}, best {best_prec1:.3f} '
+                 f'({epoch_label(best_epoch, args.epochs)}) on {size_note}')
     documented = os.path.join(run_root(args), args.expr_name)
     if os.path.abspath(documented) != os.path.abspath(run_dir):
         runs.link_latest(run_dir, documented, say=log.info)    # <checkpoint-dir>/<expr-name>/latest.pth.tar works
     return prec1
+
+
+def report_bits(args, tuner, say, detail=None):
+    """The final bits: one summary line; the per-layer table (bits and clips of every layer) goes to log.txt
+    (`detail`) and, with --print-bits, to the console too."""
+    table = say if args.print_bits else detail
+    if table is not None:
+        for line in tuner.show_avg_bit():
+            table(line)
+    where = '' if args.print_bits else (' (per-layer table in log.txt; --print-bits prints it)' if detail else
+                                        ' (--print-bits prints the per-layer table)')
+    say(f'==> final bits: {tuner.bit_summary()}{where}')
 
 
 def finish_best(run_dir, recipe):

@@ -59,6 +59,20 @@ def summary(rows):
     return out
 
 
+def summary_line(s):
+    """summary() as people read it, epochs counted from 1 (the logs' epoch e is epoch e + 1):
+    `last epoch 300: top-1 92.13, best 92.32 (epoch 235); bits: weights 2.0085 (final from epoch 38), ...`."""
+    parts = []
+    if 'last_epoch' in s:
+        parts.append(f"last epoch {s['last_epoch'] + 1}: top-1 {s['last_prec1']:.2f}, best {s['best_prec1']:.2f} "
+                     f"(epoch {s['best_epoch'] + 1})")
+    bits = [f"{what} {s[k]:.4f} (final from epoch {s[k + '_frozen_at'] + 1})"
+            for what, k in (('weights', 'w_avg_bit'), ('activations', 'x_avg_bit')) if k in s]
+    if bits:
+        parts.append('bits: ' + ', '.join(bits))
+    return '; '.join(parts) or 'no epoch logged'
+
+
 def plot(ours, theirs, path, note=''):
     import matplotlib
     matplotlib.use('Agg')
@@ -100,20 +114,28 @@ def main(argv=None):
     p.add_argument('--reference', default=None, help="folder of the authors' logs (skipped when absent)")
     p.add_argument('--out', required=True, help='PNG to write')
     p.add_argument('--note', default='', help='a title line (e.g. that the runs were shortened)')
+    p.add_argument('--print-dicts', action='store_true',
+                   help='also print each summary as a Python dict (0-based epochs of the logs), for scripts')
     args = p.parse_args(argv)
     ours, theirs = {}, {}
+
+    def say(whose, label, s):
+        print(f'{whose:9s} {label:9s} {summary_line(s)}')
+        if args.print_dicts:
+            print(f'{whose:9s} {label:9s} {s}')
+
     for label, run, ref in STAGES:
         log = os.path.join(args.runs, run, 'log.txt')
         if os.path.isfile(log):
             rows = parse_log(log)
             size = next((m.group(1) for m in re.finditer(r'test on (.+?) images', open(log).read())), 'test set')
             ours[label] = (rows, f'{size} images')
-            print(f'this run  {label:9s} {summary(rows)}')
+            say('this run', label, summary(rows))
         if ref and args.reference:
             path = os.path.join(args.reference, ref, 'train.log')
             if os.path.isfile(path):
                 theirs[label] = parse_log(path)
-                print(f'authors   {label:9s} {summary(theirs[label])}')
+                say('authors', label, summary(theirs[label]))
     if not ours and not theirs:
         raise UserError(f"no logs found under {args.runs} (nor {args.reference}); run main_cifar10.py first")
     print(f'-> {plot(ours, theirs, args.out, args.note)}')

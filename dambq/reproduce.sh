@@ -9,7 +9,7 @@
 # `python -m common.compare dambq` and results/dambq_curves.png (this run over the authors' curves).
 #
 # Environment:
-#   DATA=DIR       CIFAR-10 root or a folder holding cifar10/ (default ../shared/data if present, else ./data)
+#   DATA=DIR       CIFAR-10 root or a folder holding cifar10/ (default $QUANTLAB_DATA, else <repo>/data)
 #   EPOCHS=N       epochs per stage (default 300 = the paper). A shorter run scales the LBA window [0,150] to
 #                  [0, N/2] and is recorded as "[shortened ...]", never paired with a published number.
 #   DAMBQ_ITERS=N  also stop every epoch after N iterations (smoke runs; recorded as shortened)
@@ -20,9 +20,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 PY="${PYTHON:-python}"
-if [ -z "${DATA:-}" ]; then
-    if [ -d "$ROOT/../shared/data" ]; then DATA="$ROOT/../shared/data"; else DATA="$ROOT/data"; fi
-fi
+DATA="${DATA:-${QUANTLAB_DATA:-$ROOT/data}}"
 DATA="$(cd "$DATA" 2>/dev/null && pwd || echo "$DATA")"
 if [ -d "$DATA/cifar10" ]; then CIFAR="$DATA/cifar10"; else CIFAR="$DATA"; fi
 EPOCHS="${EPOCHS:-300}"
@@ -54,7 +52,7 @@ stage() {
         local done
         done=$("$PY" -c "import torch,sys; print(torch.load(sys.argv[1], weights_only=True)['epoch'])" "$ck")
         if [ "$done" -ge "$EPOCHS" ]; then echo "== $name: finished ($done epochs), skipped"; return; fi
-        echo "== $name: continuing at epoch $done"
+        echo "== $name: continuing after $done of $EPOCHS epochs"
         extra=(--continue)
     fi
     # --name NAME: the stage's run directory is $RUNS/NAME itself (the original's <checkpoint-dir>/<expr-name>),

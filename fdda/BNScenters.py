@@ -21,6 +21,7 @@ if __package__ in (None, ""):                        # run as `python BNScenters
 
 from common.checkpoint import save_checkpoint  # noqa: E402
 from common.checks import check_range, check_writable_dir  # noqa: E402
+from common.data import data_root  # noqa: E402
 from common.device import get_device  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.identity import sha256_file  # noqa: E402
@@ -32,7 +33,8 @@ from fdda.options import DATA_ENV  # noqa: E402
 
 parser = argparse.ArgumentParser(description="FDDA: compute per-class BNS centers", allow_abbrev=False)
 parser.add_argument("--dataPath", type=str, default=None,
-                    help=f"ImageNet root with train/<wnid>/ (default: ${DATA_ENV})")
+                    help=f"ImageNet root with train/<wnid>/ (or imagenet/train/<wnid>/; default: ${DATA_ENV}, "
+                         f"else the data root: $QUANTLAB_DATA, else ./data)")
 parser.add_argument("--model_name", type=str, required=True, help=" | ".join(models.MODELS))
 parser.add_argument("--save_path", default="./save_ImageNet", help="output folder (default ./save_ImageNet)")
 parser.add_argument("--teacher_path", default=None,
@@ -80,9 +82,7 @@ def choose_images(train, seed, calib_list):
 def main():
     args = parser.parse_args()
     spec = models.check_model_name(args.model_name)
-    data_path = args.dataPath or os.environ.get(DATA_ENV)
-    if not data_path:
-        raise UserError(f"no ImageNet root: pass --dataPath PathToImageNetDataset or set {DATA_ENV}")
+    data_path = args.dataPath or os.environ.get(DATA_ENV) or data_root()
     # checks before work: every range and the output folder, before any data is read
     check_range("--img_size", args.img_size, lo=32)
     check_range("--batch_size", args.batch_size, lo=1)

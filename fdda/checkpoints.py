@@ -6,6 +6,7 @@ qw/qa; "F8L8"), stage ("train", "generator"), the run's recipe, qa, the teacher,
 sha256 of the BNS centers it was trained with.
 """
 from common.errors import UserError
+from common.runlog import epoch_label
 from common.identity import IDENTITY_KEY, check_checkpoint, describe, expect, identity
 from fdda.options import setting_name
 
@@ -57,5 +58,6 @@ def checkpoint_recipe(ident):
     recipe = (ident or {}).get("recipe")
     if recipe is None or (ident or {}).get("finished", True):
         return recipe
-    return dict(recipe, full=False, summary=f"{recipe.get('summary')}; unfinished run (checkpoint after epoch "
-                                            f"{ident.get('epoch')} of {ident.get('epochs')})")
+    done, total = ident.get("epoch"), ident.get("epochs")      # done: epochs finished (1-based count)
+    after = epoch_label(done - 1, total) if isinstance(done, int) and done >= 1 else f"{done} of {total} epochs"
+    return dict(recipe, full=False, summary=f"{recipe.get('summary')}; unfinished run (checkpoint after {after})")

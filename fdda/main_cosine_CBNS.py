@@ -27,7 +27,7 @@ from common import interrupt, runs  # noqa: E402
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
 from common.checks import check_range, check_results_writable, check_writable_dir  # noqa: E402
 from common.device import get_rng_state, seed_everything, set_rng_state  # noqa: E402
-from common.runlog import QuietLog  # noqa: E402
+from common.runlog import QuietLog, epoch_label  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.identity import IDENTITY_KEY, sha256_file  # noqa: E402
 from common.results import record  # noqa: E402
@@ -45,6 +45,11 @@ CKPT = "checkpoint.pth"
 # torch): here it is drawn from this fixed seed, so runs repeat; the draws after manualSeed are unchanged
 TORCH_START_SEED = 67280421310721
 # options a --resume must share with the run it continues (the rest: paths, workers, evaluation only)
+# tensorboard metric of each per-epoch training term (the trainer keeps the original's names: the console line
+# and resumable checkpoints use them); metric names of the scheme are lowercase (common/runlog.py)
+TB_TRAIN = {"loss_G": "loss_g", "one_hot": "one_hot", "BNS": "bns", "D_BNS": "d_bns",
+            "one_hot_BNScenters": "one_hot_bnscenters", "C_BNS": "c_bns", "loss_S": "loss_s", "fp_acc": "fp_acc",
+            "lr_G": "lr_g", "lr_S": "lr_s"}
 FREE_ON_RESUME = ("dataPath", "save_path", "nThreads", "GPU", "nGPU", "test_batchSize", "test_teacher",
                   "test_start_epoch")
 
@@ -249,7 +254,8 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                 trainer.restore_iterator(ckpt["trainer"].get("iterator"))
         if skip:
             sums = ckpt["partial"]
-        log.info(f"resumed from {ckpt_path} at epoch {start_epoch + 1}" + (f" iteration {skip + 1}" if skip else ""))
+        log.info(f"resumed from {ckpt_path} at {epoch_label(start_epoch, opt.nEpochs)}"
+                 + (f" iteration {skip + 1}" if skip else ""))
     elif opt.test_teacher:
         t1, t5, n, gone = trainer.test_teacher()
         log.info(f"Teacher network: [acc: {t1:.4f}%] top5 {t5:.4f}% on {n} val images"
@@ -277,7 +283,7 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                                       trainer=trainer.state_dict(iterator=True),
                                       partial={k: v.detach().cpu() for k, v in sums_now.items()}), ckpt_file)
             log.flush()
-        stopped["at"] = f"epoch {epoch + 1} iteration {i + 1}"
+        stopped["at"] = f"{epoch_label(epoch, opt.nEpochs)} iteration {i + 1}"
         interrupt.stop(stopped["at"])
 
     # the original evaluated when epoch > warmup_epochs - 2; test_start_epoch >= 0 overrides that
@@ -295,12 +301,12 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                 m = trainer.train(epoch, start=skip if first else 0, sums=sums if first else None,
                                   on_interrupt=on_interrupt, eta=eta)
                 freeze_model(student)
-                line = (f"[Epoch {epoch + 1}/{opt.nEpochs}] [acc: {m['fp_acc']:.4f}%] [G loss: {m['loss_G']:f}] "
+                line = (f"[{epoch_label(epoch, opt.nEpochs)}] [acc: {m['fp_acc']:.4f}%] [G loss: {m['loss_G']:f}] "
                         f"[One-hot loss: {m['one_hot']:f}] [BNS_loss:{m['BNS']:f}] [D_BNS_loss:{m['D_BNS']:f}] "
                         f"[loss_one_hot_BNScenters:{m['one_hot_BNScenters']:f}] [C_BNS_loss:{m['C_BNS']:f}] "
                         f"[S loss: {m['loss_S']:f}]")
                 for k, v in m.items():
-                    log.scalar(f"train/{k}", v, epoch + 1)
+                    log.scalar(f"train/{TB_TRAIN[k]}", v, epoch + 1)
                 improved = False
                 if epoch >= test_from:
                     top1, top5, n_val, n_skipped = trainer.test()
@@ -314,7 +320,7 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                 log.info(f"{line} ({time.time() - t0:.1f}s; {eta.line(epoch + 1)})")
                 if best_epoch >= 0:
                     log.info(f"#==>Best Result is: Top1 Accuracy: {best_top1:f}, Top5 Accuracy: {best_top5:f} "
-                             f"(epoch {best_epoch + 1})")
+                             f"({epoch_label(best_epoch, opt.nEpochs)})")
                 if dist.main:
                     if improved:
                         save_checkpoint(dict(meta(epoch + 1), state_dict=student.state_dict(), epoch=epoch + 1,
@@ -327,12 +333,12 @@ def train_run(args, opt, f8l8, setting, spec, start_layer, run_dir, ckpt, ckpt_p
                                     ckpt_file)
                 dist.barrier()
                 if trainer.stop_requested():         # a signal during evaluation: stop after this epoch
-                    stopped["at"] = f"after epoch {epoch + 1}"
+                    stopped["at"] = f"after {epoch_label(epoch, opt.nEpochs)}"
                     interrupt.stop(stopped["at"])
     except KeyboardInterrupt as e:                   # common.errors.run_main prints e.message, exits 130/143
         e.message = (f"{stopped['at']}: resumable checkpoint saved to {ckpt_file}; continue with the same flags "
                      f"and --resume {ckpt_file}" if stopped else
-                     f"stopped in epoch {epoch + 1}; --resume {ckpt_file} continues from the last finished epoch")
+                     f"stopped in {epoch_label(epoch, opt.nEpochs)}; --resume {ckpt_file} continues from the last finished epoch")
         raise
     if dist.main and best_epoch >= 0:
         finish_model(os.path.join(run_dir, "model.pth"), recipe)

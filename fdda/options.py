@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 
+from common import data as cdata
 from common.checks import check_range
 from common.errors import UserError
 from fdda.quantization_utils import check_bits
@@ -91,6 +92,10 @@ class Option:
     def from_args(cls, conf_path=None, overrides=None, env=None):
         env = os.environ if env is None else env
         values, sources = dict(DEFAULTS), {k: "default" for k in DEFAULTS}
+        # DEFAULTS mirror the shipped file (its placeholder dataPath); a file without the key gets every script's
+        # default data root instead (common.data.data_root, read from `env`)
+        values["dataPath"] = env.get(cdata.DATA_ENV) or "./data"
+        sources["dataPath"] = f"default (${cdata.DATA_ENV}, else ./data)"
         if conf_path is not None:
             for k, v in parse_hocon(conf_path).items():
                 values[k], sources[k] = _coerce(k, v, conf_path), conf_path

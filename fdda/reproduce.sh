@@ -4,7 +4,8 @@
 #   2. main_cosine_CBNS.py (or main_cosine_CBNS_8F8L.py with F8L8=1): generator + quantized student, best
 #      top-1 on DATA/val recorded to results/fdda.jsonl
 #   3. test.py / test_8F8L.py on the best model.pth (recorded again), then `python -m common.compare fdda`.
-# Environment: DATA (ImageNet root with train/<wnid>/ and val/<wnid>/), MODEL (resnet18 | mobilenet_w1 |
+# Environment: DATA (ImageNet root with train/<wnid>/ and val/<wnid>/, or a data root holding imagenet/; default
+# FDDA_DATA, else $QUANTLAB_DATA, else ./data), MODEL (resnet18 | mobilenet_w1 |
 # mobilenetv2_w1 | regnetx_600m, default resnet18), BITS (qw = qa, default 4), F8L8=1, EPOCHS (nEpochs, default
 # the published 400; fewer epochs keep the published share of warm-up epochs, warmup_epochs = EPOCHS * 50 / 400,
 # so that the student is still trained), TEACHER (pretrained weights file; default: the original's file in
@@ -23,6 +24,11 @@ ID=${ID:-0}
 if [ "${F8L8:-0}" = 1 ]; then TRAIN=main_cosine_CBNS_8F8L.py; TEST=test_8F8L.py; else TRAIN=main_cosine_CBNS.py; TEST=test.py; fi
 LAUNCH=("$PY")
 if [ -n "${TORCHRUN:-}" ]; then LAUNCH=("$PY" -m torch.distributed.run --standalone "--nproc_per_node=$TORCHRUN"); fi
+# ImageNet: DATA, else FDDA_DATA, else the data root of every script ($QUANTLAB_DATA, else ./data), taken from
+# where this script was started (it then works in fdda/); DATA/imagenet/ is used when DATA holds it
+DATA=${DATA:-${FDDA_DATA:-${QUANTLAB_DATA:-./data}}}
+case "$DATA" in /*) ;; *) DATA="$PWD/$DATA" ;; esac
+if [ ! -d "$DATA/train" ] && [ -d "$DATA/imagenet/train" ]; then DATA="$DATA/imagenet"; fi
 cd "$ROOT/fdda"
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -57,8 +63,7 @@ if [ -n "${EPOCHS:-}" ] && ! [[ "$EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
     echo "reproduce-fdda: EPOCHS=$EPOCHS must be a whole number of epochs >= 1 (the published recipe: 400)" >&2
     exit 2
 fi
-DATA=${DATA:-${FDDA_DATA:-}}
-if [ -z "$DATA" ] || [ ! -d "$DATA/train" ] || [ ! -d "$DATA/val" ]; then
+if [ ! -d "$DATA/train" ] || [ ! -d "$DATA/val" ]; then
     echo "reproduce-fdda needs ImageNet (ILSVRC2012) as an ImageFolder: DATA=/path/with/train/<wnid>/*.JPEG and" \
          "val/<wnid>/*.JPEG (got DATA='${DATA}'); nothing is downloaded here. Run \`make reproduce-fdda DATA=/data/imagenet\`," \
          "or SMOKE=1 to check the pipeline on generated data." >&2

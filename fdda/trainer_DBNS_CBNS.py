@@ -25,6 +25,7 @@ from common import interrupt
 from common.device import get_rng_state, set_rng_state
 from common.errors import UserError
 from common.meters import accuracy, progress
+from common.runlog import epoch_label
 from fdda.bns import BNStats
 from fdda.dataloader import report_unreadable
 
@@ -213,7 +214,7 @@ class Trainer:
         if sums is None:
             sums = {k: torch.zeros((), device=self.device) for k in keys}
         sums = {k: sums[k].to(self.device) for k in keys}
-        for i in progress(range(start, s.iters_per_epoch), desc=f"epoch {epoch + 1}/{s.nEpochs}"):
+        for i in progress(range(start, s.iters_per_epoch), desc=epoch_label(epoch, s.nEpochs)):
             if student_phase:
                 images, labels = self._real_batch()
             z = torch.randn(s.batchSize, s.latent_dim).to(self.device)          # CPU draws, as the original

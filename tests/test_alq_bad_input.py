@@ -81,6 +81,7 @@ def test_without_data_the_default_folder_is_left_as_it_was(tmp_path, monkeypatch
     def offline(url, *a, **k):
         raise URLError("no network in this test")
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    monkeypatch.delenv("QUANTLAB_DATA", raising=False)    # the default root is then ./data
     cwd = tmp_path / "alq"
     cwd.mkdir()
     monkeypatch.chdir(cwd)

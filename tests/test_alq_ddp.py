@@ -246,13 +246,13 @@ def test_a_killed_two_process_run_resumes_exactly(two_process_run, imagefolder, 
     codes, logs = launch(argv, tmp_path, ALQ_TEST_STOP=2)     # rank 0 gets SIGTERM in its 2nd ALQ update
     assert codes == [143, 130], logs[0][-3000:] + logs[1][-3000:]   # rank 1 stops with it, told by the all-reduce
     for log in logs:
-        assert "ALQ step 1/3 (r 0 basis epoch 0) batch 2/3: resumable checkpoint saved to" in log
+        assert "ALQ step 1/3 (r 1/1 basis epoch 1/1) batch 2/3: resumable checkpoint saved to" in log
     ck = torch.load(tmp_path / "q.resume.pth", weights_only=True)
     assert ck["batch"] == 2 and ck["world"] == 2 and ck["next"] == 0 and len(ck["rng_ranks"]) == 2
     assert ck["stats"]["per_batch"][1].tolist() == [6.0, 6.0]        # both processes' halves of 2 batches
     codes, logs = launch(argv + ["--resume"], tmp_path, ALQ_TEST_DUMP=tmp_path)
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "PRETRAIN: already finished" in logs[0] and "resuming ALQ at step 0/3 batch 2" in logs[0]
+    assert "PRETRAIN: already finished" in logs[0] and "resuming ALQ at step 1/3 batch 2" in logs[0]
     for f in ("q.pth", "q_post.pth"):   # same processes, same order of every operation: exactly the same model
         assert_same(tensors(out / f), tensors(tmp_path / f), f)
     for stage in ("ALQ", "POSTTRAIN"):

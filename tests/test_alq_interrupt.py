@@ -23,14 +23,18 @@ FLAGS = TINY + ["--pretrain_epochs", "2"]
 # interrupt.requested() calls: PRETRAIN 2 epochs x (4 batches + 1 after the epoch) = 1..10; ALQ basis 11..15,
 # coord 16..20, prune 21..25; POSTTRAIN ste 26..30, coord 31..35
 CASES = {
-    "PRETRAIN epoch 1 batch 2": (7, r"PRETRAIN epoch 1 batch 2/4: resumable checkpoint saved to .*ori\.resume\.pth"),
-    "ALQ basis batch 2": (12, r"ALQ step 1/3 \(r 0 basis epoch 0\) batch 2/4: resumable checkpoint saved to "
+    "PRETRAIN epoch 2 batch 2": (7, r"PRETRAIN epoch 2/2 batch 2/4: resumable checkpoint saved to .*ori\.resume\.pth"),
+    "ALQ basis batch 2": (12, r"ALQ step 1/3 \(r 1/1 basis epoch 1/1\) batch 2/4: resumable checkpoint saved to "
                               r".*q\.resume\.pth; rerun the same command with --resume"),
-    "ALQ prune batch 3": (23, r"ALQ step 3/3 \(r 0 prune epoch 0\) batch 3/4: resumable"),
-    "ALQ after the basis epoch": (15, r"ALQ step 1/3 \(r 0 basis epoch 0\) finished and its resume file "
+    "ALQ prune batch 3": (23, r"ALQ step 3/3 \(r 1/1 prune epoch 1/1\) batch 3/4: resumable"),
+    "ALQ after the basis epoch": (15, r"ALQ step 1/3 \(r 1/1 basis epoch 1/1\) finished and its resume file "
                                       r".*q\.resume\.pth is saved"),
-    "POSTTRAIN ste batch 3": (28, r"POSTTRAIN step 1/2 \(ste epoch 0\) batch 3/4: resumable"),
+    "POSTTRAIN ste batch 3": (28, r"POSTTRAIN step 1/2 \(ste epoch 1/1\) batch 3/4: resumable"),
 }
+# the resume line names the epoch or step it continues, counted from 1 as the stop message counts them
+RESUMED = {"PRETRAIN epoch 2 batch 2": "PRETRAIN at epoch 2/2 batch 2", "ALQ basis batch 2": "ALQ at step 1/3 batch 2",
+           "ALQ prune batch 3": "ALQ at step 3/3 batch 3", "ALQ after the basis epoch": "ALQ at step 2/3",
+           "POSTTRAIN ste batch 3": "POSTTRAIN at step 1/2 batch 3"}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +104,9 @@ def test_interrupt_saves_at_the_batch_and_resume_equals_the_uninterrupted_run(ca
     if batch:
         assert {"epoch_rng", "rng", "stats"} <= set(ck) and ck["stats"]["batches"] == batch
     run(tmp_path, data, monkeypatch, "--resume")
-    assert f"batch {batch}" in (tmp_path / "log" / "log.txt").read_text().split("resuming")[-1].split("\n")[0] \
-        if batch else True
+    resumed = (tmp_path / "log" / "log.txt").read_text().split("resuming ")[-1].split("\n")[0]
+    assert f"batch {batch}" in resumed if batch else True
+    assert resumed.startswith(RESUMED[case]), resumed
     for f in ("ori.pth", "ori.pth.last", "q.pth", "q_post.pth", "q_post.pth.last"):
         want, got = flat(torch.load(reference / f, weights_only=True)), flat(torch.load(tmp_path / f, weights_only=True))
         assert want.keys() == got.keys(), f

@@ -34,7 +34,8 @@ def _files(tmp_path):
 
 # --------------------------------------------------------------------------------------------- commands
 
-def test_documented_commands_parse_verbatim_with_original_defaults():
+def test_documented_commands_parse_verbatim_with_original_defaults(monkeypatch):
+    monkeypatch.delenv("QUANTLAB_DATA", raising=False)
     a = A.lenet5.get_parser().parse_args("--PRETRAIN --ALQ --POSTTRAIN".split())
     assert (a.PRETRAIN, a.ALQ, a.POSTTRAIN) == (True, True, True)
     assert (a.data, a.val_size, a.model_ori, a.model) == \
@@ -46,6 +47,8 @@ def test_documented_commands_parse_verbatim_with_original_defaults():
     v = A.vgg.get_parser().parse_args("--PRETRAIN --ALQ --POSTTRAIN".split())
     assert (v.val_size, v.R, v.pr, v.top_k, v.subc, v.max_bit) == (5000, 5, 0.4, 0.002, [0] * 6 + [16, 2, 2], [6] * 9)
     assert v.structure == ["channelwise"] + ["pixelwise"] * 5 + ["subchannelwise"] * 3
+    monkeypatch.setenv("QUANTLAB_DATA", "/data/root")        # the project's data rule (common.data.data_root)
+    assert [m.get_parser().parse_args(["--ALQ"]).data for m in (A.lenet5, A.vgg, A.resnet)] == ["/data/root"] * 3
     for net, n in (("resnet18", 21), ("resnet34", 37)):
         cmd = f"--PRETRAIN --DOWNLOAD --ALQ --POSTTRAIN --net {net} --data /PATH/TO/ILSVRC12".split()
         r = A.resnet.fill_net_defaults(A.resnet.get_parser().parse_args(cmd))

@@ -317,7 +317,7 @@ def test_mnist_short_training_run_loss_falls():
 
     class Log(QuietLog):
         def scalar(self, tag, value, step):
-            if tag == "loss_train":
+            if tag == "train/loss":
                 losses.append(value)
 
     class Args:
@@ -422,18 +422,18 @@ def test_imagenet_end_to_end_progressive_and_resume(tiny_imagenet, monkeypatch, 
     # lr 0: the weights are exactly the 5-bit ones (progressive init), BN statistics moved
     assert torch.equal(ck4["state_dict"]["layer2.0.conv1.weight"], ck5["state_dict"]["layer2.0.conv1.weight"])
     assert torch.equal(ck4["state_dict"]["layer2.0.conv1.act_alpha"], ck5["state_dict"]["layer2.0.conv1.act_alpha"])
-    # --resume continues at epoch 1 and ends at epoch 2
+    # --resume continues with the second epoch (0-based 1) and ends after it
     _in_process(main, "-a resnet18 --bit 4 --resume checkpoint/res18_4checkpoint.pth.tar".split() + small
                 + ["--epochs", "2", "--lr", "0"], root, monkeypatch)
     out = capsys.readouterr().out
-    assert "Epoch: [1][0/1]" in out and "Epoch: [0]" not in out
+    assert "Epoch: [2/2][0/1]" in out and "Epoch: [1/2]" not in out
     assert torch.load(root / "checkpoint" / "res18_4checkpoint.pth.tar", weights_only=True)["epoch"] == 2
     (run4,) = glob.glob(os.path.join(os.environ["QUANTLAB_RUNS"], "apot", "imagenet-res18_4-*"))
     # the checkpoint says which run wrote it (as CIFAR-10's and MNIST's do)
     assert torch.load(root / "checkpoint" / "res18_4checkpoint.pth.tar", weights_only=True)["quantlab"]["run_dir"] \
         == os.path.abspath(run4)
     tags = _tb_tags(os.path.join(run4, "tb"))
-    assert {"loss_train", "acc1_train", "acc5_train", "lr", "loss_val", "acc1_val", "acc5_val"} <= tags
+    assert {"train/loss", "train/top1", "train/top5", "train/lr", "val/loss", "val/top1", "val/top5"} <= tags
     # -e on the produced checkpoint writes an imagenet record
     _in_process(main, "-a resnet18 --bit 4 -e --resume checkpoint/res18_4best.pth.tar".split() + small, root,
                 monkeypatch)
@@ -459,7 +459,7 @@ def test_imagenet_resume_mid_epoch_is_exact(tiny_imagenet, monkeypatch, tmp_path
     runs.end_run()
     pending = iter([None, None, signal.SIGINT])              # 2 batches per epoch: epoch 1, after its batch 1
     monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
-    with pytest.raises(interrupt.Interrupted, match="epoch 1 batch 1"):
+    with pytest.raises(interrupt.Interrupted, match="epoch 2/2 batch 1"):
         _in_process(main, base + ["--name", "cut", "--checkpoint-dir", str(tmp_path / "b")], root, monkeypatch)
     runs.end_run()
     monkeypatch.setattr(interrupt, "requested", lambda: None)

@@ -15,7 +15,7 @@ from common.device import get_device, get_rng_state, seed_everything, set_rng_st
 from common.errors import UserError
 from common.meters import AverageMeter, accuracy
 from common.results import FIELDS, read_records, record
-from common.runlog import RunLog
+from common.runlog import QuietLog, RunLog, check_tag, epoch_label, epoch_span
 from conftest import REPO, run_script
 
 
@@ -231,7 +231,7 @@ def test_rng_state_round_trip():
 def test_runlog_writes_manifest_text_and_tensorboard(tmp_path):
     log = RunLog(str(tmp_path / "run"), {"lr": 0.1, "bit": 4}, seed=3, device="cpu")
     log.info("epoch 0 done")
-    log.scalar("loss_train", 1.5, 0)
+    log.scalar("train/loss", 1.5, 0)
     log.close()
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["args"] == {"lr": 0.1, "bit": 4} and man["seed"] == 3 and man["device"] == "cpu"
@@ -285,3 +285,53 @@ def test_payload_checkpoint_says_it_holds_python_objects_and_nothing_ran(tmp_pat
     assert ("pickled Python objects (a reference to posix.system)" in res.stderr if how == "torch.save"
             else "safe loader does not read" in res.stderr)
     assert not (tmp_path / "PWNED").exists()
+
+
+# --- one tensorboard tag scheme and one epoch convention for all five papers --------------------------
+
+@pytest.mark.parametrize("tag", ["train/loss", "val/top1", "test/top5", "train/lr", "pretrain/val/top1",
+                                 "alq/train/loss", "train/kd_loss", "alpha/layer1.0.conv1/weight",
+                                 "alpha/fc/act", "bits/w_avg"])
+def test_tags_of_the_scheme_are_accepted(tag):
+    assert check_tag(tag) == tag
+    QuietLog().scalar(tag, 1.0, 0)
+
+
+@pytest.mark.parametrize("tag", ["loss_train", "acc1_val", "test_acc", "prec1", "val/Top1", "val/", "train",
+                                 "a/b/train/loss", "alpha/x/bias", "bits/", "w_avg_bit", "lr", "val top1"])
+def test_tags_outside_the_scheme_are_refused_by_every_log(tag, tmp_path):
+    with pytest.raises(ValueError, match="does not follow"):
+        check_tag(tag)
+    with pytest.raises(ValueError):
+        QuietLog().scalar(tag, 1.0, 0)
+    log = RunLog(str(tmp_path / "r"), tensorboard=False, quiet=True)
+    with pytest.raises(ValueError):
+        log.scalar(tag, 1.0, 0)
+    log.close()
+
+
+def test_every_literal_tag_in_the_papers_follows_the_scheme():
+    """A static look at each `log.scalar(<literal or f-string>, ...)` of the five papers and common/: the
+    literal part (f-string fields replaced by a sample name) must follow the scheme."""
+    import re
+    call = re.compile(r"""\.scalar\(\s*(f?)(['"])(.*?)\2""")
+    seen = 0
+    for paper in ("apot", "alq", "dambq", "alignq", "fdda", "common"):
+        for dirpath, _, files in os.walk(os.path.join(REPO, paper)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                text = open(os.path.join(dirpath, name)).read()
+                for m in call.finditer(text):
+                    tag = re.sub(r"\{[^}]*\}", "x", m.group(3)) if m.group(1) else m.group(3)
+                    if "/x/" in tag and tag.startswith("alpha/"):
+                        tag = tag.replace("/x/", "/layer1/")
+                    assert check_tag(tag), (name, m.group(0))
+                    seen += 1
+    assert seen >= 20            # the scan found the calls (apot alone logs 15 literal tags)
+
+
+def test_epochs_read_from_one_and_ranges_include_both_ends():
+    assert epoch_label(0, 25) == "epoch 1/25" and epoch_label(24, 25) == "epoch 25/25"
+    assert epoch_span(0, 25) == "epochs 1-25" and epoch_span(3, 5) == "epochs 4-5"
+    assert epoch_span(4, 5) == "epoch 5" and epoch_span(5, 5) == "no epochs left"

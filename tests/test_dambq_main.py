@@ -148,11 +148,19 @@ def expect_one_line_error(capsys, argv, *words):
     (['--duration', 'a,b'], ['two increasing']),
     (['--quantize'], ['--pretrained', '--resume']),
     (['-e'], ['-e needs']),
+    (['--print-bits'], ['--print-bits', 'add --quantize']),
     (['-a', 'resnet21'], ['invalid choice']),
     (['--data', '/nonexistent/cifar'], ['CIFAR-10 not found', '/nonexistent/cifar']),
 ])
 def test_bad_flags_one_line(capsys, argv, words):
     expect_one_line_error(capsys, argv, *words)
+
+
+def test_data_default_is_the_project_data_root(monkeypatch):
+    monkeypatch.delenv('QUANTLAB_DATA', raising=False)
+    assert dm.parse_args([]).data == './data'
+    monkeypatch.setenv('QUANTLAB_DATA', '/somewhere/data')
+    assert dm.parse_args([]).data == '/somewhere/data' and dm.parse_args(['--data', 'x']).data == 'x'
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='--half is allowed on CUDA')
@@ -242,6 +250,21 @@ def test_parse_log_aborted_start_and_both_accuracy_formats(tmp_path):
     s = summary(rows)
     assert (s['last_epoch'], s['last_prec1'], s['best_epoch'], s['best_prec1']) == (2, 88.0, 2, 88.0)
     assert s['w_avg_bit_frozen_at'] == 1
+
+
+def test_plot_curves_prints_readable_summaries_and_dicts_only_on_request(tmp_path, capsys):
+    """The console line counts epochs from 1 (the log's epoch e is epoch e + 1); --print-dicts adds summary()."""
+    from dambq.plot_curves import main as plot_main, parse_log, summary
+    run = tmp_path / 'runs' / 'cifar10_resnet20_w2.0a2.0'
+    run.mkdir(parents=True)
+    (run / 'log.txt').write_text(AUTHORS_STYLE_LOG)
+    s = summary(parse_log(str(run / 'log.txt')))
+    want = ('this run  W2.0A2.0  last epoch 2: top-1 85.95, best 87.18 (epoch 1); bits: weights 3.9712 (final from '
+            'epoch 2), activations 3.9387 (final from epoch 2)')
+    for extra, lines in (([], [want]), (['--print-dicts'], [want, f'this run  W2.0A2.0  {s}'])):
+        plot_main(['--runs', str(tmp_path / 'runs'), '--out', str(tmp_path / 'c.png')] + extra)
+        out = capsys.readouterr().out.splitlines()
+        assert out[:-1] == lines and out[-1] == f"-> {tmp_path / 'c.png'}"
 
 
 def test_authors_logs_parse_to_the_published_numbers(tmp_path):

@@ -359,14 +359,76 @@ def test_lba_stops_at_target_plus_slack_and_converges():
     assert 1.5 < w <= 2.07 and 1.5 < x <= 2.07
 
 
-def test_lba_ties_go_to_the_lower_group_index():
+def boundary_tie(tuner):
+    """Weight errors with a tie exactly at the selection boundary: int(0.01·768) = 7 groups are taken; 4 groups
+    have the smallest errors (0, 1e-3, 2e-3, 3e-3), 10 groups spread over three layers share the next value 0.5,
+    the rest are 1. So 3 of the 10 tied groups are taken, and which 3 is the ranking's tie order. Activations the
+    same way: int(0.01·672) = 6 = 2 clear lowest + 4 of 9 tied. Returns the tied (weight, activation) indices."""
+    g = torch.Generator().manual_seed(0)
+    ties = []
+    for total, err, low, tied in ((tuner.w_err_total, 'w_err', 4, 10), (tuner.x_err_total, 'x_err', 2, 9)):
+        e = torch.ones(len(total))
+        pick = torch.randperm(len(total), generator=g)[:low + tied]
+        e[pick[:low]] = torch.arange(low) * 1e-3
+        e[pick[low:]] = 0.5
+        i = 0
+        for _, m in tuner.layers:
+            getattr(m, err).copy_(e[i:i + len(getattr(m, err))])
+            i += len(getattr(m, err))
+        ties.append(set(pick[low:].tolist()))
+    return ties
+
+
+def test_lba_ties_at_the_boundary_select_what_the_originals_topk_selects():
+    """The original ranks with `torch.topk(self.w_err_total, w_k, largest=False)` on the 1-D error vector of all
+    groups in layer order; the same call on the same tensor picks the same groups among equal errors (torch's
+    tie order is its own implementation detail, so the test compares torch with torch, not with a rule)."""
     _, tuner, _ = quantized_resnet20()
-    for _, m in tuner.layers:
-        m.w_err.zero_()
-        m.x_err.zero_()
+    tied_w, tied_x = boundary_tie(tuner)
+    w_err, x_err = tuner.w_err_total.clone(), tuner.x_err_total.clone()
+    assert w_err.shape == (768,) and x_err.shape == (672,)
+    # the original's expressions, on the tensors it ranks
+    w_k, x_k = int(len(w_err) * 0.01), int(len(x_err) * 0.01)
+    _, w_indices = torch.topk(w_err, w_k, largest=False)
+    _, x_indices = torch.topk(x_err, x_k, largest=False)
+    assert torch.equal(QuantTune.least_sensitive(w_err, w_k), w_indices)
+    assert torch.equal(QuantTune.least_sensitive(x_err, x_k), x_indices)
+    # the boundary really cuts through the tie: some tied groups are taken, some are not
+    assert 0 < len(tied_w & set(w_indices.tolist())) < len(tied_w)
+    assert 0 < len(tied_x & set(x_indices.tolist())) < len(tied_x)
+    want_w, want_x = torch.full((768,), 4), torch.full((672,), 4)
+    want_w[w_indices] -= 1
+    want_x[x_indices] -= 1
+    assert tuner.sort_and_tune(0) == {'act': (6, int(tuner.group_numels()[1][x_indices].sum())),
+                                      'wgt': (7, int(tuner.group_numels()[0][w_indices].sum()))}
+    assert torch.equal(tuner.bit_wgt.long(), want_w) and torch.equal(tuner.bit_act.long(), want_x)
+    assert torch.equal(torch.cat([m.bit_wgt for _, m in tuner.layers]).long(), want_w)
+
+
+def test_lba_ranks_with_topk_not_a_sort(monkeypatch):
+    """sort_and_tune must take its groups from torch.topk(err, k, largest=False) itself: a stand-in topk that
+    resolves ties towards the HIGHER group index (a rule no sort uses) decides which tied groups lose a bit."""
+    _, tuner, _ = quantized_resnet20()
+    tied_w, tied_x = boundary_tie(tuner)
+    calls = []
+
+    def topk_high_index_ties(t, k, largest=True, **kw):
+        calls.append((t.shape, k, largest, kw))
+        assert t.dim() == 1 and largest is False
+        idx = torch.tensor(sorted(range(len(t)), key=lambda i: (float(t[i]), -i))[:k], dtype=torch.long)
+        return t[idx], idx
+
+    w_err, x_err = tuner.w_err_total.clone(), tuner.x_err_total.clone()
+    monkeypatch.setattr(torch, 'topk', topk_high_index_ties)
     tuner.sort_and_tune(0)
-    assert tuner.bit_wgt[:7].tolist() == [3] * 7 and tuner.bit_wgt[7:].eq(4).all()
-    assert tuner.bit_act[:6].tolist() == [3] * 6 and tuner.bit_act[6:].eq(4).all()
+    monkeypatch.undo()
+    # activations first, as the original
+    assert calls == [(torch.Size([672]), 6, False, {}), (torch.Size([768]), 7, False, {})]
+    for bits, err, k, tied in ((tuner.bit_wgt, w_err, 7, tied_w), (tuner.bit_act, x_err, 6, tied_x)):
+        lowered = set(torch.nonzero(bits == 3).flatten().tolist())
+        clear = set(torch.nonzero(err < 0.5).flatten().tolist())
+        assert clear <= lowered and len(lowered) == k
+        assert lowered - clear == set(sorted(tied)[-(k - len(clear)):])
 
 
 def test_zero_bit_groups_output_zero_keep_the_weight_gradient_and_stay_at_zero():

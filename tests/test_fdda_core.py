@@ -96,6 +96,103 @@ def test_ste_identity_default_and_inclusive_mask():
     assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0]
 
 
+def where_chain_quant(x, k, m, M):
+    """The quantizer as this project first wrote it (out of place, clamp as a where-chain): (x_hat, clip mask)."""
+    n = 2 ** k - 1
+    s = n / torch.clamp(M - m, min=1e-8)
+    zp = torch.round(s * m) + 2 ** (k - 1)
+    if s.dim() == 1 and s.numel() > 1:
+        s, zp = s.view(-1, *[1] * (x.dim() - 1)), zp.view(-1, *[1] * (x.dim() - 1))
+    lo, hi = -2 ** (k - 1), 2 ** (k - 1) - 1
+    r = torch.round(s * x - zp)
+    q = torch.where(r < lo, torch.full_like(r, lo), torch.where(r > hi, torch.full_like(r, hi), r))
+    return (q + zp) / s, ((r >= lo) & (r <= hi)).to(x.dtype)
+
+
+class WhereChainQuant(torch.autograd.Function):
+    """where_chain_quant with the quantizer's backward (straight through, optionally masked)."""
+
+    @staticmethod
+    def forward(ctx, x, k, m, M, clip_ste):
+        out, mask = where_chain_quant(x, k, m, M)
+        ctx.save_for_backward(mask if clip_ste else torch.ones_like(mask))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0], None, None, None, None
+
+
+def _adversarial(shape, k, gen):
+    """Values that hit every branch of the clamp: NaN, +-inf, +-0, far out of range, exactly on the grid's ends
+    lo/hi and on half-way ties next to them, subnormals, and ordinary values, for a range of [-1, 3]; the first
+    20 elements in this order (they must not be drawn over for the checks on channel 0), 20 more at random."""
+    m, M = -1.0, 3.0
+    s = (2 ** k - 1) / (M - m)
+    zp = round(s * m) + 2 ** (k - 1)
+    lo, hi = -2 ** (k - 1), 2 ** (k - 1) - 1
+    special = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 1e-40, -1e-40,
+               m, M, (lo + zp) / s, (hi + zp) / s, (lo - 0.5 + zp) / s, (hi + 0.5 + zp) / s, (lo + 0.5 + zp) / s,
+               (hi - 0.5 + zp) / s, (lo - 1 + zp) / s, (hi + 1 + zp) / s]
+    x = torch.empty(shape).uniform_(-3, 5, generator=gen)
+    flat = x.view(-1)
+    n = min(flat.numel(), len(special))
+    flat[:n] = torch.tensor(special[:n])                      # all of them in the first channel / row
+    idx = torch.randperm(flat.numel(), generator=gen)[:n]     # and once more anywhere
+    flat[idx] = torch.tensor(special[:n])
+    return x
+
+
+def _bits(t):
+    return t.detach().contiguous().view(-1).view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 4, 8, 16])
+@pytest.mark.parametrize("clip_ste", [False, True])
+def test_inplace_quantizer_bitwise_equal_to_where_chain(k, clip_ste, dtype):
+    # The forward runs the same float ops in the same order on a fresh tensor; only the clamp (where-chain vs
+    # clamp_) and the buffers differ, so everything must agree bit for bit: NaN stays NaN (its bits too),
+    # +-inf goes to the ends, -0 keeps its sign, lo/hi and ties at them are kept, gradient and mask alike.
+    gen = torch.Generator().manual_seed(k)
+    cases = []
+    w = _adversarial((6, 3, 3, 3), k, gen).to(dtype)                      # per output channel, as Quant_Conv2d
+    wm, wM = torch.aminmax(w.nan_to_num(0.0, 0.0, 0.0).flatten(1), dim=1)
+    wm[0], wM[0] = -1.0, 3.0                                               # channel 0: the range the specials aim at
+    wm[1] = wM[1] = 0.5                                                    # degenerate range: s = n / 1e-8
+    wm[2], wM[2] = float("nan"), 1.0                                       # a NaN range: everything NaN
+    wm[3], wM[3] = -1.0, 1.0                                               # symmetric: zero point 0 (-0 meets +0)
+    cases.append((w, wm, wM))
+    lin = _adversarial((5, 7), k, gen).to(dtype)                           # per row, as Quant_Linear
+    cases.append((lin, torch.full((5,), -1.0, dtype=dtype), torch.full((5,), 3.0, dtype=dtype)))
+    act = _adversarial((2, 4, 5, 5), k, gen).to(dtype)                    # one (1,) range, as QuantAct
+    cases.append((act, torch.tensor([-1.0], dtype=dtype), torch.tensor([3.0], dtype=dtype)))
+    cases.append((act.transpose(1, 3), torch.tensor([-1.0], dtype=dtype), torch.tensor([3.0], dtype=dtype)))
+    cases.append((torch.tensor(float("nan"), dtype=dtype), torch.tensor([0.0], dtype=dtype),
+                  torch.tensor([1.0], dtype=dtype)))                       # 0-d input
+    for x, m, M in cases:
+        x0 = x.clone()
+        xg = x.clone().requires_grad_(True)
+        out = AsymmetricQuantFunction.apply(xg, k, m, M, clip_ste)
+        xr = x.clone().requires_grad_(True)
+        ref = WhereChainQuant.apply(xr, k, m, M, clip_ste)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert torch.equal(_bits(out), _bits(ref))
+        assert torch.equal(_bits(x), _bits(x0)) and out.data_ptr() != xg.data_ptr()   # input never written
+        g = torch.empty(out.shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+        g.view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("inf")])[:g.numel()]
+        out.backward(g)
+        ref.backward(g)
+        assert torch.equal(_bits(xg.grad), _bits(xr.grad))
+    # the inputs reach every branch: NaN, clipped on both sides and kept, finite values landing on both ends
+    ref, mask = where_chain_quant(w[0], k, wm[:1], wM[:1])
+    ends, _ = where_chain_quant(torch.tensor([-float("inf"), float("inf")], dtype=dtype), k, wm[:1], wM[:1])
+    fin = torch.isfinite(w[0])
+    assert torch.isnan(ref).any() and (mask == 0).any() and (mask == 1).any()
+    assert ((ref == ends[0]) & fin & (mask == 1)).any() and ((ref == ends[1]) & fin & (mask == 1)).any()
+    assert ((ref == ends[0]) & fin & (mask == 0)).any() and ((ref == ends[1]) & fin & (mask == 0)).any()
+
+
 def test_activation_ema_then_freeze():
     # (Our QuantAct was also checked bit-identical to the original's on 5 EMA batches + a frozen one, 4 and 8 bit.)
     act = QuantAct(4)
@@ -414,6 +511,10 @@ def test_one_epoch_updates_generator_and_student_and_bns_loss():
     s0 = copy.deepcopy(tr.model.state_dict())
     m = tr.train(epoch=0)
     assert m["loss_S"] > 0 and m["D_BNS"] > 0 and m["C_BNS"] > 0
+    # every per-epoch term has a tensorboard tag of the scheme (RunLog.scalar would refuse the run otherwise)
+    from common.runlog import check_tag
+    from fdda.main_cosine_CBNS import TB_TRAIN
+    assert set(TB_TRAIN) == set(m) and all(check_tag(f"train/{TB_TRAIN[k]}") for k in m)
     assert any(not torch.equal(g0[k], v) for k, v in tr.generator.state_dict().items())
     assert any(not torch.equal(s0[k], v) for k, v in tr.model.state_dict().items() if "weight" in k)
     # BNS loss: mean over the layers of MSE(batch mean, running mean) + MSE(batch var, running var)

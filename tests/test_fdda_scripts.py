@@ -125,7 +125,7 @@ def test_pipeline_end_to_end(data, centers, tmp_path, monkeypatch, capsys):
             "--id=0"] + TINY
     code, out, err = call(main_cosine_CBNS.main, argv, monkeypatch, capsys)
     assert code == 0, err
-    assert "[Epoch 2/2]" in out and "DBNS/CBNS from layer 24" in out
+    assert "[epoch 2/2]" in out and "DBNS/CBNS from layer 24" in out
     run = "save_ImageNet/log_imagenet_bs4_lr0.1000_TELCNN_baseline_optSGD_qw4_qa4_epoch2_imganet_4bit_00_repeat"
     assert sorted(f for f in os.listdir(run) if not f.startswith("tb")) == \
         ["checkpoint.pth", "generator.pth", "imagenet_config.hocon", "log.txt", "manifest.json",
@@ -165,7 +165,7 @@ def test_pipeline_end_to_end(data, centers, tmp_path, monkeypatch, capsys):
     state = torch.load(os.path.join(run, "checkpoint.pth"), weights_only=True)
     torch.save(dict(state, epoch=1), os.path.join(run, "checkpoint.pth"))
     code, out, err = call(main_cosine_CBNS.main, argv + ["--resume"], monkeypatch, capsys)
-    assert code == 0 and "at epoch 2" in out and "[Epoch 2/2]" in out and "[Epoch 1/2]" not in out, err
+    assert code == 0 and "at epoch 2/2" in out and "[epoch 2/2]" in out and "[epoch 1/2]" not in out, err
     assert len(os.listdir(os.path.join(os.environ["QUANTLAB_RUNS"], "fdda"))) == 1      # no new run directory
     # BNScenters refuses to replace the centers runs were made with
     code, out, err = call(BNScenters.main, ["BNScenters.py", "--model_name", "mobilenetv2_w1"], monkeypatch, capsys)
@@ -230,7 +230,7 @@ def test_reproduce_smoke_224px(tmp_path):
     r = subprocess.run(["bash", os.path.join(FDDA, "reproduce.sh")], env=env, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "[Epoch 2/2]" in r.stdout and "shortened" in r.stdout
+    assert "[epoch 2/2]" in r.stdout and "shortened" in r.stdout
     recs = [json.loads(l) for l in open(tmp_path / "smoke" / "results" / "fdda.jsonl")]
     assert [x["script"] for x in recs] == ["fdda/main_cosine_CBNS.py", "fdda/test.py"]
     assert all(x["dataset"] == "synthetic" and x["recipe"]["full"] is False for x in recs)
@@ -239,6 +239,7 @@ def test_reproduce_smoke_224px(tmp_path):
 def test_bad_inputs_one_line(data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FDDA_DATA", raising=False)
+    monkeypatch.delenv("QUANTLAB_DATA", raising=False)
     notfolder = tmp_path / "flat"
     (notfolder / "train").mkdir(parents=True)
     (notfolder / "train" / "x.png").write_bytes(b"")
@@ -247,7 +248,7 @@ def test_bad_inputs_one_line(data, tmp_path, monkeypatch, capsys):
     bad_conf.write_text("qw = [4\n")
     main = ["main_cosine_CBNS.py", "--conf_path", CONF, "--id=0", "--dataPath", data]    # 224 px: resnet18's size
     cases = [
-        (BNScenters.main, ["BNScenters.py", "--model_name", "resnet18"], "no ImageNet root"),
+        (BNScenters.main, ["BNScenters.py", "--model_name", "resnet18"], "ImageNet not found"),   # ./data
         (BNScenters.main, ["BNScenters.py", "--model_name", "resnet18", "--dataPath", str(tmp_path / "none")],
          "ImageNet not found"),
         (BNScenters.main, ["BNScenters.py", "--model_name", "resnet18", "--dataPath", str(notfolder)],
@@ -317,7 +318,7 @@ def test_ddp_two_processes_gloo(data, centers, tmp_path):
             out.close()
     out0, out1 = (open(tmp_path / f"rank{r}.out").read() for r in range(2))
     assert codes == [0, 0], out0[-2000:] + out1[-2000:]
-    assert "2 process(es) on cpu" in out0 and "[Epoch 2/2]" in out0 and "[Epoch" not in out1  # rank 0 logs only
+    assert "2 process(es) on cpu" in out0 and "[epoch 2/2]" in out0 and "[epoch" not in out1  # rank 0 logs only
     recs = [json.loads(l) for l in open(os.path.join(os.environ["RESULTS_DIR"], "fdda.jsonl"))]
     assert len(recs) == 1 and recs[0]["n_samples"] == 6 and recs[0]["extra"]["world_size"] == 2
 
@@ -331,6 +332,6 @@ def test_torchrun_two_processes(data, centers, tmp_path):
                         os.path.join(FDDA, "main_cosine_CBNS.py"), "--model_name", "mobilenetv2_w1", "--conf_path",
                         CONF, "--id=1"] + TINY, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es) on cpu" in r.stdout and r.stdout.count("[Epoch 2/2]") == 1      # rank 0 logs only
+    assert "2 process(es) on cpu" in r.stdout and r.stdout.count("[epoch 2/2]") == 1      # rank 0 logs only
     recs = [json.loads(l) for l in open(os.path.join(os.environ["RESULTS_DIR"], "fdda.jsonl"))]
     assert recs[-1]["n_samples"] == 6 and recs[-1]["extra"]["world_size"] == 2            # all val images once

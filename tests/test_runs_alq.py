@@ -146,3 +146,40 @@ def test_help_has_no_duplicated_default(capsys):
     out = capsys.readouterr().out
     assert "(default: None)" not in out and out.count("(default:") > 10
     assert "(default: --model with '_post' before the extension)" in " ".join(out.split())
+
+
+def _tb_scalars(d):
+    """(step, tag) of every scalar in the tfevents files of d (TFRecord framing: u64 length, u32 crc, payload,
+    u32 crc)."""
+    import struct
+    from tensorboardX.proto.event_pb2 import Event
+    out = []
+    for f in sorted(os.listdir(d)):
+        with open(os.path.join(d, f), "rb") as fh:
+            buf = fh.read()
+        i = 0
+        while i + 12 <= len(buf):
+            (n,) = struct.unpack("<Q", buf[i:i + 8])
+            out += [(ev.step, v.tag) for ev in [Event.FromString(buf[i + 12:i + 12 + n])] for v in ev.summary.value]
+            i += 12 + n + 4
+    return out
+
+
+def test_log_lines_count_epochs_from_one_and_tags_follow_the_scheme(env, tmp_path):
+    """What people read counts epochs from 1 with the total (common.runlog.epoch_label); tensorboard tags are
+    [<stage>/]<split>/<metric> and bits/avg at step = the 1-based epoch or stage step just finished; log.txt says
+    where the records went."""
+    argv = env + ["--pretrain_epochs", "2", "--PRETRAIN", "--ALQ", "--POSTTRAIN", "--log_dir", str(tmp_path / "log")]
+    A.lenet5.main(argv)
+    text = (tmp_path / "log" / "log.txt").read_text()
+    said = [line.split(" lr ")[0].split(" ", 2)[2] for line in text.splitlines()
+            if " lr " in line and ": train " in line]                       # log.txt lines: date time message
+    assert said == ["pretrain epoch 1/2", "pretrain epoch 2/2", "ALQ r 1/1 basis epoch 1/1",
+                    "ALQ r 1/1 coord epoch 1/1", "ALQ r 1/1 prune epoch 1/1", "POSTTRAIN ste epoch 1/1",
+                    "POSTTRAIN coord epoch 1/1"]
+    assert f"records appended to {os.path.join(os.environ['RESULTS_DIR'], 'alq.jsonl')} and " \
+           f"{tmp_path / 'log' / 'records.jsonl'}" in text
+    assert sorted(_tb_scalars(tmp_path / "log" / "tb")) == sorted(
+        [(e, f"pretrain/{t}") for e in (1, 2) for t in ("train/loss", "val/top1")]
+        + [(s, t) for s in (1, 2, 3) for t in ("alq/train/loss", "alq/val/top1", "bits/avg")]
+        + [(s, f"posttrain/{t}") for s in (1, 2) for t in ("train/loss", "val/top1")])

@@ -279,7 +279,7 @@ def test_checkpoint_mode_respects_umask(tmp_path):
 def test_runlog_keeps_the_first_manifest_and_failed_calls_add_no_event_file(tmp_path):
     from common.runlog import RunLog
     a = RunLog(str(tmp_path / "r"), {"bit": 4}, seed=1)
-    a.scalar("x", 1.0, 0)
+    a.scalar("train/x", 1.0, 0)
     a.close()
     b = RunLog(str(tmp_path / "r"), {"bit": 4, "resume": "x"}, seed=1)      # a later call (resume, or one
     b.info("failed before logging anything")                               # that fails early)
@@ -300,7 +300,7 @@ def test_sigterm_in_the_first_epoch_saves_and_resumes(tmp_path, capsys):
             "--data", data, "--seed", "1", "--name", "t"]
     p = subprocess.Popen(argv, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:                                # wait until training is inside epoch 0
-        if line.startswith("Epoch: [0][1/"):
+        if line.startswith("Epoch: [1/1][1/"):
             p.send_signal(signal.SIGTERM)
             break
     out, err = p.communicate(timeout=120)
@@ -312,7 +312,7 @@ def test_sigterm_in_the_first_epoch_saves_and_resumes(tmp_path, capsys):
     assert not any(os.path.getsize(f) == 0 for f in glob.glob(str(run / "tb" / "*")))
     cifar().main(argv[3:-2] + ["--resume", str(run / "checkpoint.pth.tar")])          # in-process: faster
     out = capsys.readouterr().out
-    assert f"batch {ck['batch']}" in out and "Epoch: [0][0/" not in out               # continued mid-epoch
+    assert f"batch {ck['batch']}" in out and "Epoch: [1/1][0/" not in out               # continued mid-epoch
     assert torch.load(run / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
     assert len(os.listdir(run / "tb")) == 1 and json.load(open(run / "manifest.json"))["invocations"]
 
@@ -326,7 +326,7 @@ def test_mnist_interrupt_mid_epoch_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
     base = ["-a", "resnet10", "--bit", "4", "--epochs", "1", "-b", "5", "-j", "0", "-p", "1", "--data", data,
             "--seed", "1"]
-    with pytest.raises(interrupt.Interrupted, match="epoch 0 batch 2: resumable checkpoint saved"):
+    with pytest.raises(interrupt.Interrupted, match="epoch 1/1 batch 2: resumable checkpoint saved"):
         mnist_main(base + ["--name", "m"], monkeypatch)
     runs.end_run()
     ck_path = tmp_path / "runs" / "apot" / "m" / "checkpoint.pth"
@@ -351,7 +351,7 @@ def test_mnist_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
     runs.end_run()
     pending = iter([None] * 7 + [signal.SIGINT])            # 5 batches per epoch: epoch 1, after batch 3
     monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
-    with pytest.raises(interrupt.Interrupted, match="epoch 1 batch 3"):
+    with pytest.raises(interrupt.Interrupted, match="epoch 2/2 batch 3"):
         mnist_main(base + ["--name", "cut"], monkeypatch)
     runs.end_run()
     monkeypatch.setattr(interrupt, "requested", lambda: None)
@@ -407,7 +407,7 @@ def test_cifar_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
     runs.end_run()
     pending = iter([None] * 6 + [signal.SIGINT])            # epoch 1, after its batch 2
     monkeypatch.setattr(interrupt, "requested", lambda: next(pending, None))
-    with pytest.raises(interrupt.Interrupted, match="epoch 1 batch 2"):
+    with pytest.raises(interrupt.Interrupted, match="epoch 2/2 batch 2"):
         cifar().main(base + ["--name", "cut"])
     runs.end_run()
     monkeypatch.setattr(interrupt, "requested", lambda: None)

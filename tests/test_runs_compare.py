@@ -191,7 +191,8 @@ def test_seed_runs_are_listed_with_their_layer_bits_and_drawn(tmp_path):
     text = compare.format_text(res)
     assert "0.495 ±0.04 n=2" in text and "local seeds 0.47-0.52" in text     # mean of 0.52/0.47, sample std 0.0354
     runs = text.split(compare.SEED_RUNS_TITLE)[1].splitlines()
-    seed2 = next(line for line in runs if "/runs/alq/lenet5-seed2" in line).split()
+    seed2 = next(line for line in runs if " local  2 " in line.replace("    ", "  ")).split()
+    assert "/runs/alq/lenet5-seed2" in compare.format_text(res, wide=True)       # the run column: --wide
     assert seed2[:8] == ["lenet5", "mnist", "ALQ", "local", "2", "0.47", "99.0", "conv1"]   # metrics in published order
     assert "conv2 0.2 fc1 0.4 fc2 1" in " ".join(seed2)
     drawn = compare.plot_paper(res, str(tmp_path / "alq.png"))

@@ -210,7 +210,7 @@ def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_pat
 
     def signalled(iterable, desc=None, total=None):      # a real SIGTERM while batch 2 (index 1) trains
         for i, item in enumerate(real_progress(iterable, desc=desc, total=total)):
-            if desc == 'epoch 0' and i == 1:
+            if desc == 'epoch 1/2' and i == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
             yield item
     monkeypatch.setattr(dm, 'progress', signalled)
@@ -218,7 +218,7 @@ def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_pat
         run_main(dm.main, w2 + ['--name', 'cut'])
     err = capsys.readouterr().err
     assert e.value.code == 128 + signal.SIGTERM
-    assert 'interrupted: epoch 0 batch 2: resumable checkpoint saved to' in err and '--continue' in err
+    assert 'interrupted: epoch 1/2 batch 2: resumable checkpoint saved to' in err and '--continue' in err
     run = tmp_path / 'runs' / 'dambq' / 'cut'
     cut = torch.load(run / 'latest.pth.tar', weights_only=True)
     assert (cut['epoch'], cut['batch'], cut['interrupted']) == (0, 2, True)
@@ -228,7 +228,7 @@ def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_pat
     assert not os.path.exists(run / 'tb') or all(os.path.getsize(f) > 0 for f in glob.glob(str(run / 'tb' / '*')))
     # an unfinished checkpoint is recorded as shortened when evaluated, whatever its recipe
     dm.main(env[:-2] + ['--quantize', '-e', '--resume', str(run / 'latest.pth.tar')])
-    assert 'unfinished run (checkpoint after epoch 0 of 2)' in records()[-1]['recipe']['summary']
+    assert 'unfinished run (checkpoint after 0 of 2 epochs)' in records()[-1]['recipe']['summary']
 
     monkeypatch.setattr(dm, 'progress', real_progress)
     for flag, value, key in (('--lr', '0.1', 'lr'), ('--epochs', '3', 'epochs'), ('-b', '4', 'batch_size')):
@@ -236,7 +236,7 @@ def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_pat
             dm.main(w2 + ['--name', 'cut', '--continue', flag, value])           # a later flag wins in argparse
     dm.main(w2 + ['--name', 'cut', '--continue'])
     out = capsys.readouterr().out
-    assert 'continue' in out and 'at epoch 0 batch 2' in out and 'Epoch: [0][0/3]' not in out
+    assert 'continue' in out and 'at epoch 1/2 batch 3' in out and 'Epoch: [0][0/3]' not in out
     done = torch.load(run / 'latest.pth.tar', weights_only=True)
     assert done['epoch'] == 2 and 'batch' not in done
     for k, v in whole['state_dict'].items():
@@ -249,6 +249,63 @@ def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_pat
     assert json.load(open(run / 'manifest.json'))['invocations']             # the continuation is appended
 
 
+def test_final_bits_are_one_console_line_and_the_per_layer_table_is_behind_print_bits(env, tmp_path, capsys):
+    """At the end of a quantized run the console gets one summary line (average bits and groups per bit-width,
+    the numbers of the checkpoint); the 20 per-layer lines go to log.txt, and to the console with --print-bits."""
+    fp = float_checkpoint(tmp_path / 'fp.pth.tar')
+    w2 = env + ['--quantize', '--pretrained', fp, '--epochs', '1', '--max-iters', '1', '--duration', '0', '1']
+    tables = {}
+    for name, extra in (('quiet', []), ('loud', ['--print-bits'])):
+        dm.main(w2 + ['--name', name] + extra)
+        out = capsys.readouterr().out.splitlines()
+        run = tmp_path / 'runs' / 'dambq' / name
+        logged = [line.split(' ', 2)[2] for line in (run / 'log.txt').read_text().splitlines() if ' bw_avg:' in line]
+        shown = [line for line in out if ' bw_avg:' in line]
+        assert len(logged) == 20 and logged[0].startswith('layer1.0.conv1 bw_avg:4.00 ba_avg:')
+        assert shown == (logged if extra else [])
+        [summary] = [line for line in out if line.startswith('==> final bits: ')]
+        assert summary.endswith('(per-layer table in log.txt; --print-bits prints it)') != bool(extra)
+        assert not [line for line in out if line.startswith('{') or "': " in line]       # no raw dict dumps
+        sd = torch.load(run / 'latest.pth.tar', weights_only=True)['state_dict']
+        for what, key, avg in (('weights', 'bit_wgt', 'avg_bits_wgt'), ('activations', 'bit_act', 'avg_bits_act')):
+            bits = torch.cat([v for k, v in sd.items() if k.endswith(key) and not k.startswith(('conv1.', 'fc.'))])
+            values, counts = torch.unique(bits.long(), return_counts=True)
+            hist = ', '.join(f'{c} at {v}' for v, c in sorted(zip(values.tolist(), counts.tolist()), reverse=True))
+            value = [r['value'] for r in records() if r['metric'] == avg][-1]
+            assert f"{what} {value:.4f} avg ({hist.replace(' at ', ' groups at ', 1)})" in summary
+        tables[name] = logged
+    assert [t.split(' aw_min')[0] for t in tables['quiet']] == [t.split(' aw_min')[0] for t in tables['loud']]
+    # the evaluation of a quantized checkpoint: its record line, the averages, the summary, the table on request
+    dm.main(env[:-2] + ['--quantize', '-e', '--resume', str(tmp_path / 'runs' / 'dambq' / 'loud' / 'latest.pth.tar'),
+                        '--print-bits'])
+    out = capsys.readouterr().out
+    assert out.count(' bw_avg:') == 20 and '==> final bits: weights ' in out
+    [shown] = [line.rsplit(' in ', 1)[1] for line in out.splitlines() if line.startswith('=> recorded resnet20 '
+                                                                                        'W2.0A2.0 top1 ')]
+    assert os.path.samefile(shown, os.path.join(os.environ['RESULTS_DIR'], 'dambq.jsonl'))
+
+
+def test_tensorboard_tags_and_steps(env, tmp_path, monkeypatch, capsys):
+    """The project's tag scheme, step = the 1-based epoch just finished; the bits only for a quantized run; the
+    LBA lines count epochs from 1 too."""
+    from common.runlog import RunLog
+    seen, real = [], RunLog.scalar
+
+    def spy(self, tag, value, step):
+        seen.append((tag, step))
+        return real(self, tag, value, step)
+    monkeypatch.setattr(RunLog, 'scalar', spy)
+    fp = float_checkpoint(tmp_path / 'fp.pth.tar')
+    per_epoch = ['train/loss', 'train/top1', 'val/top1', 'val/loss', 'train/lr']
+    quantized = (['--quantize', '--pretrained', fp], ['bits/w_avg', 'bits/x_avg'] + per_epoch)
+    for extra, tags in (([], per_epoch), quantized):
+        seen.clear()
+        dm.main(env + ['--epochs', '2', '--max-iters', '1', '--name', f'tb{len(extra)}'] + extra)
+        assert seen == [(t, e) for e in (1, 2) for t in tags]
+    out = capsys.readouterr().out
+    assert 'LBA after epoch 1/2: ratio 0.01000; act: 6 groups -1 bit' in out and 'LBA after epoch 2/2: ratio ' in out
+
+
 def test_start_lines_and_per_epoch_lines_when_redirected(env, capsys):
     dm.main(env + ['--epochs', '2', '--max-iters', '2', '--name', 'p'])
     out = capsys.readouterr().out                      # captured: not a terminal, no progress bar
@@ -256,6 +313,7 @@ def test_start_lines_and_per_epoch_lines_when_redirected(env, capsys):
     assert f'=> device {dm.get_device()}, seed 0, run directory {run}' in out
     assert '=> recipe: shortened: epochs 2 of 300' in out and '=> whole-run estimate:' in out
     assert '=> epoch 1/2: Prec@1' in out and '=> epoch 2/2: Prec@1' in out and 'ETA' in out
+    assert ', epochs 1-2 of 2, output ' in out and 'epochs 0..' not in out
 
 
 def test_interrupt_during_evaluation_stops_after_the_epoch(env, monkeypatch, capsys):
@@ -267,6 +325,6 @@ def test_interrupt_during_evaluation_stops_after_the_epoch(env, monkeypatch, cap
     monkeypatch.setattr(interrupt, 'requested', requested)
     with pytest.raises(SystemExit) as e:
         run_main(dm.main, env + ['--epochs', '3', '--max-iters', '2', '--name', 'v'])
-    assert e.value.code == 130 and 'after epoch 0: resumable checkpoint saved' in capsys.readouterr().err
+    assert e.value.code == 130 and 'after epoch 1/3: resumable checkpoint saved' in capsys.readouterr().err
     ck = torch.load(os.path.join(os.environ['QUANTLAB_RUNS'], 'dambq', 'v', 'latest.pth.tar'), weights_only=True)
     assert ck['epoch'] == 1 and 'batch' not in ck

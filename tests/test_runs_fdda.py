@@ -214,7 +214,7 @@ def test_interrupt_inside_an_epoch_saves_and_resume_is_exact(env, monkeypatch, c
     code, out, err = train(env + ["--name", "whole"], monkeypatch, capsys)
     assert code == 0, err
     assert "=> device" in out and "seed 3, run directory" in out and "=> whole-run estimate" in out
-    assert "[Epoch 2/2]" in out and "ETA" in out                   # per-epoch lines with output redirected
+    assert "[epoch 2/2]" in out and "ETA" in out                   # per-epoch lines with output redirected
     whole = torch.load(os.path.join(run_dir("whole"), "checkpoint.pth"), weights_only=True)
 
     calls = {"n": 0}
@@ -224,7 +224,7 @@ def test_interrupt_inside_an_epoch_saves_and_resume_is_exact(env, monkeypatch, c
         return 15 if calls["n"] == 5 else None
     monkeypatch.setattr(interrupt, "requested", requested)
     code, out, err = train(env + ["--name", "cut"], monkeypatch, capsys)
-    assert code == 130 and "epoch 2 iteration 1: resumable checkpoint saved" in err and "--resume" in err, err
+    assert code == 130 and "epoch 2/2 iteration 1: resumable checkpoint saved" in err and "--resume" in err, err
     ck_path = os.path.join(run_dir("cut"), "checkpoint.pth")
     cut = torch.load(ck_path, weights_only=True)
     assert (cut["epoch"], cut["batch"], cut["interrupted"]) == (1, 1, True)
@@ -232,11 +232,11 @@ def test_interrupt_inside_an_epoch_saves_and_resume_is_exact(env, monkeypatch, c
     assert not [f for f in os.listdir(run_dir("cut")) if f.endswith(".tmp")]     # written atomically
     # the best model so far is an unfinished run's: evaluated, it is recorded as shortened
     code, _, err = evaluate(os.path.join(run_dir("cut"), "model.pth"), monkeypatch, capsys)
-    assert code == 0 and "unfinished run (checkpoint after epoch 1 of 2)" in records()[-1]["recipe"]["summary"]
+    assert code == 0 and "unfinished run (checkpoint after epoch 1/2)" in records()[-1]["recipe"]["summary"]
 
     monkeypatch.setattr(interrupt, "requested", lambda: None)
     code, out, err = train(env + ["--name", "cut", "--resume"], monkeypatch, capsys)
-    assert code == 0 and "at epoch 2 iteration 2" in out and "[Epoch 1/2]" not in out, err
+    assert code == 0 and "at epoch 2/2 iteration 2" in out and "[epoch 1/2]" not in out, err
     done = torch.load(ck_path, weights_only=True)
     assert done["epoch"] == 2 and "batch" not in done
     for part in ("student", "generator"):

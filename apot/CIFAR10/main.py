@@ -29,6 +29,7 @@ from common.errors import UserError, run_main
 from common.identity import check_checkpoint, expect, identity
 from common.meters import AverageMeter, accuracy, progress
 from common.results import combine_recipes, recipe_info, record
+from common.runlog import epoch_label, epoch_span
 
 BITS = (2, 3, 4, 5, 32)
 MILESTONES = [150, 225]            # ×0.1 for every parameter group (the original's adjust_learning_rate)
@@ -165,19 +166,19 @@ def data_loaders(args, device):
 
 
 def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=100, log=None, skip=0,
-          on_interrupt=None, eta=None, max_iters=None):
+          on_interrupt=None, eta=None, max_iters=None, epochs=None):
     """One epoch of SGD; returns (average loss, average top-1, list of per-iteration losses).
 
     skip: batches of this epoch already done (resume of an interrupted epoch); on_interrupt(i): after batch i,
     when SIGINT/SIGTERM arrived, save a resumable checkpoint and stop (common.interrupt); max_iters: stop the
-    epoch after that many batches (smoke runs)."""
+    epoch after that many batches (smoke runs); epochs: the run's total, for what people read."""
     batch_time, data_time = AverageMeter('Time', ':.3f'), AverageMeter('Data', ':.3f')
     losses, top1 = AverageMeter('Loss', ':.4f'), AverageMeter('Prec', ':.3f')
     history = []
     sums = DeviceSums(device, 'loss', 'prec')
     model.train()
     end = time.time()
-    bar = progress(trainloader, desc=f'epoch {epoch}', total=len(trainloader))
+    bar = progress(trainloader, desc=epoch_label(epoch, epochs) if epochs else f'epoch {epoch + 1}', total=len(trainloader))
     for i, (input, target) in enumerate(bar):
         if max_iters is not None and i >= max_iters:
             break
@@ -202,7 +203,7 @@ def train(trainloader, model, criterion, optimizer, epoch, device, print_freq=10
             sums.read({'loss': losses, 'prec': top1})
             bar.set_postfix(loss=f'{losses.avg:.4f}', prec=f'{top1.avg:.2f}')
         if log is not None and i % print_freq == 0:
-            log.info(f'Epoch: [{epoch}][{i}/{len(trainloader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}')
+            log.info(f'Epoch: [{epoch + 1}/{epochs or "?"}][{i}/{len(trainloader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}')
         if eta is not None:
             eta.batch(i, skip)
         if on_interrupt is not None and interrupt.requested():
@@ -298,7 +299,7 @@ def main(argv=None):
             skip = int(ckpt.get('batch', 0))         # an epoch interrupted after `batch` batches
             if 'scheduler' not in ckpt:              # a checkpoint of the original main.py
                 scheduler.last_epoch = start_epoch
-            print(f"=> resumed {args.resume} at epoch {start_epoch}" + (f" batch {skip}" if skip else "")
+            print(f"=> resumed {args.resume} at {epoch_label(start_epoch, args.epochs)}" + (f" batch {skip}" if skip else "")
                   + f" (best {best_prec:.3f})")
     elif args.evaluate and args.init:
         eval_recipe = init_recipe
@@ -335,7 +336,7 @@ def main(argv=None):
     run = runs.start_run('apot', fdir, args, seed=seed, device=device, recipe=recipe, overwrite=args.overwrite)
     log = run.log
     log.info(f"=> {args.arch} {args.bit}-bit, {n_train} train / {n_test} test images, "
-             f"epochs {start_epoch}..{args.epochs}, output {fdir}")
+             f"{epoch_span(start_epoch, args.epochs)} of {args.epochs}, output {fdir}")
     eta = runs.ETA(args.epochs, start_epoch, min(len(trainloader), args.max_iters or len(trainloader)), say=log.info)
 
     def state_at(epoch, **extra):
@@ -345,7 +346,7 @@ def main(argv=None):
     def on_interrupt(i):                          # SIGINT/SIGTERM: save at this batch, atomically, then stop
         # the RNG as the epoch began: a resume draws the same order and augmentation and skips the batches done
         state = state_at(epoch, batch=i + 1, interrupted=True, rng=epoch_rng)
-        interrupt.save_and_stop(os.path.join(fdir, 'checkpoint.pth.tar'), state, log, f"epoch {epoch} batch {i + 1}")
+        interrupt.save_and_stop(os.path.join(fdir, 'checkpoint.pth.tar'), state, log, f"{epoch_label(epoch, args.epochs)} batch {i + 1}")
 
     prec = None
     with interrupt.armed():
@@ -353,14 +354,14 @@ def main(argv=None):
             epoch_rng = get_rng_state()
             loss, train_prec, _ = train(trainloader, fwd, criterion, optimizer, epoch, device, args.print_freq,
                                         log, skip=skip if epoch == start_epoch else 0, on_interrupt=on_interrupt,
-                                        eta=eta, max_iters=args.max_iters)
+                                        eta=eta, max_iters=args.max_iters, epochs=args.epochs)
             prec, test_loss = validate(testloader, fwd, criterion, device, args.print_freq, log.info)
             scheduler.step()
-            log.scalar('test_acc', prec, epoch)
-            log.scalar('test_loss', test_loss, epoch)
-            log.scalar('train_loss', loss, epoch)
-            log.scalar('train_acc', train_prec, epoch)
-            log.scalar('lr', optimizer.param_groups[0]['lr'], epoch)
+            log.scalar('val/top1', prec, epoch + 1)
+            log.scalar('val/loss', test_loss, epoch + 1)
+            log.scalar('train/loss', loss, epoch + 1)
+            log.scalar('train/top1', train_prec, epoch + 1)
+            log.scalar('train/lr', optimizer.param_groups[0]['lr'], epoch + 1)
             log_clipping(net, log, epoch)
             log.flush()
 

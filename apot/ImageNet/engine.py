@@ -12,6 +12,7 @@ from common.device import setup_distributed as _setup_distributed
 from common.errors import UserError
 from common.identity import check_checkpoint, expect
 from common.meters import AverageMeter, accuracy, progress
+from common.runlog import epoch_label
 
 ALPHA_KEYS = ("act_alpha", "weight_alpha")
 
@@ -121,7 +122,7 @@ def train(loader, model, criterion, optimizer, epoch, args, log, device, step, m
     model.train()
     end = time.time()
     max_iters = getattr(args, "max_iters", None)       # smoke runs: stop the epoch after that many batches
-    for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch}", disable=not main_process or None)):
+    for i, (images, target) in enumerate(progress(loader, desc=epoch_label(epoch, getattr(args, "epochs", "?")), disable=not main_process or None)):
         if max_iters is not None and i >= max_iters:
             break
         if i < skip:
@@ -139,11 +140,11 @@ def train(loader, model, criterion, optimizer, epoch, args, log, device, step, m
         end = time.time()
         if i % args.print_freq == 0:
             sums.read({"loss": losses, "acc1": top1, "acc5": top5})
-            log.info(f"Epoch: [{epoch}][{i}/{len(loader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}\t{top5}")
-            log.scalar("loss_train", losses.val, step)
-            log.scalar("acc1_train", top1.val, step)
-            log.scalar("acc5_train", top5.val, step)
-            log.scalar("lr", optimizer.param_groups[0]["lr"], step)
+            log.info(f"Epoch: [{epoch + 1}/{getattr(args, 'epochs', '?')}][{i}/{len(loader)}]\t{batch_time}\t{data_time}\t{losses}\t{top1}\t{top5}")
+            log.scalar("train/loss", losses.val, step)
+            log.scalar("train/top1", top1.val, step)
+            log.scalar("train/top5", top5.val, step)
+            log.scalar("train/lr", optimizer.param_groups[0]["lr"], step)
         step += 1
         if eta is not None:
             eta.batch(i, skip)

@@ -29,7 +29,7 @@ from common.device import get_rng_state, seed_everything
 from common.errors import UserError, cli
 from common.identity import identity
 from common.results import combine_recipes, recipe_info, record
-from common.runlog import QuietLog
+from common.runlog import QuietLog, epoch_label
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
@@ -214,7 +214,7 @@ def main():
         # the RNG as the epoch began: a resume draws the same order and augmentation and skips the batches done
         state = state_at(epoch, batch=i + 1, interrupted=True, rng=epoch_rng)
         path = os.path.join(fdir, tag + "checkpoint.pth.tar")
-        interrupt.save_and_stop(path, state, log, f"epoch {epoch} batch {i + 1}")
+        interrupt.save_and_stop(path, state, log, f"{epoch_label(epoch, args.epochs)} batch {i + 1}")
 
     step = start_epoch * len(train_loader) + skip
     with interrupt.armed():
@@ -227,13 +227,13 @@ def main():
                                       on_interrupt=None if distributed else on_interrupt)
             acc1, acc5, loss, n_val = engine.validate(val_loader, fwd, criterion, device, distributed)
             scheduler.step()
-            log.scalar("loss_val", loss, step)
-            log.scalar("acc1_val", acc1, step)
-            log.scalar("acc5_val", acc5, step)
+            log.scalar("val/loss", loss, step)
+            log.scalar("val/top1", acc1, step)
+            log.scalar("val/top5", acc5, step)
             # the first epoch of a run always writes the best file (an epoch at 0 % must not leave it missing)
             is_best = acc1 > best_acc1 or not os.path.exists(os.path.join(fdir, tag + "best.pth.tar"))
             best_acc1 = max(acc1, best_acc1)
-            log.info(f" * Epoch {epoch} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}; "
+            log.info(f" * {epoch_label(epoch, args.epochs)} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} best_acc: {best_acc1:.3f}; "
                      f"{eta.line(epoch + 1)}")
             if main_process:
                 log_clipping(model, log, step)

@@ -33,6 +33,7 @@ from common.device import get_rng_state, seed_everything
 from common.errors import UserError, cli
 from common.identity import identity
 from common.results import combine_recipes, recipe_info, record
+from common.runlog import epoch_label
 
 parser = argparse.ArgumentParser(description="APoT MNIST Training")
 parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", choices=models.ARCHS,
@@ -183,7 +184,7 @@ def main():
     def on_interrupt(i, step):                    # SIGINT/SIGTERM: save at this batch, atomically, then stop
         # the RNG as the epoch began: a resume draws the same order and flips and skips the batches done
         state = state_at(epoch, batch=i + 1, interrupted=True, rng=epoch_rng)
-        interrupt.save_and_stop(os.path.join(fdir, "checkpoint.pth"), state, log, f"epoch {epoch} batch {i + 1}")
+        interrupt.save_and_stop(os.path.join(fdir, "checkpoint.pth"), state, log, f"{epoch_label(epoch, args.epochs)} batch {i + 1}")
 
     step = start_epoch * len(train_loader) + skip
     t_run = time.time()
@@ -197,19 +198,19 @@ def main():
                      for split in ("train", "test")}
             acc1, acc5, loss, n = evals[args.val_split]
             scheduler.step()
-            log.scalar("loss_val", loss, step)
-            log.scalar("acc1_val", acc1, step)
-            log.scalar("acc5_val", acc5, step)
-            for split, (a1, _, ls, _) in evals.items():
-                log.scalar(f"acc1_{split}_split", a1, step)
-                log.scalar(f"loss_{split}_split", ls, step)
+            # val/: the split the protocol evaluates (the training split, as the original); test/: the test split
+            log.scalar("val/loss", loss, step)
+            log.scalar("val/top1", acc1, step)
+            log.scalar("val/top5", acc5, step)
+            log.scalar("test/top1", evals["test"][0], step)
+            log.scalar("test/loss", evals["test"][2], step)
             log.flush()
             log_clipping(model, log, step)
             history.append({"epoch": epoch, "train": evals["train"][0], "test": evals["test"][0]})
             # the first epoch of a run always writes model_best (an epoch at 0 % must not leave it missing)
             is_best = acc1 > best_acc1 or not os.path.exists(os.path.join(fdir, "model_best.pth.tar"))
             best_acc1 = max(acc1, best_acc1)
-            log.info(f" * Epoch {epoch} Acc@1 {evals['train'][0]:.2f} (train split) {evals['test'][0]:.2f} "
+            log.info(f" * {epoch_label(epoch, args.epochs)} Acc@1 {evals['train'][0]:.2f} (train split) {evals['test'][0]:.2f} "
                      f"(test split); best on {args.val_split}: {best_acc1:.2f}; {eta.line(epoch + 1)}")
             state = state_at(epoch + 1)
             save_checkpoint(state, os.path.join(fdir, "checkpoint.pth"))

@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn as nn
 
+from common.runlog import epoch_label
+
 from .quant_layers import MAX_BIT, FirstConv2d, LastLinear, QuantConv2d, QuantLinear
 
 SLACK = 0.07            # bits are only decremented while the average exceeds target + SLACK
@@ -119,6 +121,7 @@ class QuantTune:
         self.groups_wgt = sum(m.groups_wgt for _, m in self.layers)
         self.groups_act = sum(m.groups_act for _, m in self.layers)
         self._quantize_cur = False
+        self.epochs = None     # the run's number of epochs, for the log line (`LBA after epoch 3/300`)
         self.load_bit_config()
 
     # ------------------------------------------------------------------ error accumulation switch
@@ -193,8 +196,10 @@ class QuantTune:
 
     @staticmethod
     def least_sensitive(err, k):
-        """Indices of the k smallest errors; ties go to the lower group index (stable sort)."""
-        return torch.sort(err, stable=True)[1][:k]
+        """Indices of the k smallest errors, chosen by the original's own call on the same 1-D tensor (all groups
+        of all layers, in layer order), so that equal errors at the boundary pick the groups the original picks:
+        which of tied groups topk returns is torch's implementation detail, not the lower index."""
+        return torch.topk(err, k, largest=False)[1]
 
     def sort_and_tune(self, epoch):
         """One LBA step: while an average exceeds its target + 0.07, the int(ratio·groups) groups with the
@@ -216,7 +221,8 @@ class QuantTune:
         self.save_bit_config()
         self.init_err_buffer()
         if self.logger is not None and changed:
-            self.logger(f"LBA epoch {epoch}: ratio {ratio:.5f}; " + "; ".join(
+            when = epoch_label(epoch, self.epochs) if self.epochs else f'epoch {epoch + 1}'
+            self.logger(f"LBA after {when}: ratio {ratio:.5f}; " + "; ".join(
                 f"{k}: {n} groups -1 bit ({e:,} elements)" for k, (n, e) in changed.items()))
         return changed
 
@@ -228,6 +234,19 @@ class QuantTune:
             lines.append(f"{name} bw_avg:{bw.mean():.2f} ba_avg:{ba.mean():.2f}  bw_min:{bw.min():.1f} "
                          f"ba_min:{ba.min():.1f} aw_min:{m.alpha_wgt.min():.3f} aa_min:{m.alpha_act.min():.3f}")
         return lines
+
+    def bit_summary(self):
+        """One line for the console: average bits and how many groups sit at each bit-width (weights, then
+        activations), e.g. `weights 3.5042 avg (538 groups at 4, 229 at 3, 1 at 2), activations ...`."""
+        w, x = self.compute_avg_bit()
+        parts = []
+        for what, avg, bits in (('weights', w, torch.cat([m.bit_wgt for _, m in self.layers])),
+                                ('activations', x, torch.cat([m.bit_act for _, m in self.layers]))):
+            values, counts = torch.unique(bits.long(), return_counts=True)
+            hist = [f'{int(c)} at {int(v)}' for v, c in sorted(zip(values.tolist(), counts.tolist()), reverse=True)]
+            hist[0] = hist[0].replace(' at ', ' groups at ', 1)
+            parts.append(f'{what} {avg:.4f} avg ({", ".join(hist)})')
+        return ', '.join(parts)
 
     def state(self, errors=False):
         """What module buffers do not hold: which layers' alpha_wgt EMA has started (for an exact continuation)

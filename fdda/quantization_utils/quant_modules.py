@@ -59,12 +59,16 @@ class AsymmetricQuantFunction(torch.autograd.Function):
         scale, zero_point = asymmetric_linear_quantization_params(k, x_min.detach(), x_max.detach())
         scale, zero_point = _per_row(scale, x), _per_row(zero_point, x)
         lo, hi = -2 ** (k - 1), 2 ** (k - 1) - 1
-        r = torch.round(scale * x - zero_point)
-        q = torch.where(r < lo, torch.full_like(r, lo), torch.where(r > hi, torch.full_like(r, hi), r))
+        # The original's ops in its order (round(scale * x - zp), clamp, (q + zp) / scale), in place on the one
+        # fresh tensor x * scale (never x itself; a product is commutative bit for bit): no temporaries.
+        # lo, hi are Python ints (lo < hi for k >= 2), so clamp_ equals the where-chain it replaces bit for
+        # bit, NaN kept, +-inf to lo/hi, -0 kept, lo/hi kept (tests/test_fdda_core.py compares the two).
+        # Forward only: clamp's gradient at the bounds never enters (backward below).
+        q = (x * scale).sub_(zero_point).round_()
         if clip_ste:
-            ctx.save_for_backward(((r >= lo) & (r <= hi)).to(x.dtype))
+            ctx.save_for_backward(((q >= lo) & (q <= hi)).to(x.dtype))
         ctx.clip_ste = clip_ste
-        return (q + zero_point) / scale
+        return q.clamp_(lo, hi).add_(zero_point).div_(scale)
 
     @staticmethod
     def backward(ctx, grad_output):

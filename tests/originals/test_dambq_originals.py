@@ -96,7 +96,7 @@ def run_project(init, batches, mutate=None):
     if mutate:
         mutate(model)
     criterion = orig.RecordingLoss()
-    args = types.SimpleNamespace(max_iters=None, half=False, print_freq=10 ** 9)
+    args = types.SimpleNamespace(max_iters=None, half=False, print_freq=10 ** 9, epochs=EPOCHS)
     rec = {'errors': [], 'bits': [], 'states': [], 'avg': []}
     for epoch in range(EPOCHS):
         tuner.quantize_cur = tuner.in_window(epoch)
