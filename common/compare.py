@@ -651,7 +651,7 @@ CHART_UNITS = {"top1": " pts", "avg_bits": " bit", "storage_KB": " KB"}
 
 
 def chart_groups(result):
-    """Per metric: [(label, published, measured, error, split differs, seed values)] for the rows that have a
+    """Per metric: [(label, published, measured, error, split differs, seed values, dataset)] for the rows that have a
     measurement, and the labels of the published rows not measured yet. The same number published twice (a
     README row and the value its checkpoint stores, equal to two decimals) is drawn once, as the terminal
     table shows it once."""
@@ -673,7 +673,7 @@ def chart_groups(result):
             label += f"\n(published on {p['split']}, measured on {rec.get('split')})"
         seeds = [r["value"] for r in (rec.get("_seeds") or {}).get("runs", [])]
         per_metric.setdefault(p["metric"], []).append((label, p["value"], rec["value"], _se_of(rec), differs,
-                                                       seeds))
+                                                       seeds, p["dataset"]))
     return per_metric, missing
 
 
@@ -719,36 +719,34 @@ def plot_paper(result, path):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return {"bars": 0, "panels": [], "not_measured": not_measured}
-    n = max([len(per_metric[m]) for m, _ in panels if m in per_metric] + [len(layers)])
+    # one row of panels per dataset, each with its own symmetric axis: a shared axis would let the widest gap
+    # (a 1,000-image subset's) flatten the others (MNIST's 0.05-point gaps) to zero
+    datasets = list(dict.fromkeys(g[6] for m, _ in panels if m in per_metric for g in per_metric[m]))
+    rows_of = {d: max([sum(1 for g in per_metric[m] if g[6] == d) for m, _ in panels if m in per_metric] + [1])
+               for d in datasets}
+    if layers:
+        rows_of[datasets[0]] = max(rows_of[datasets[0]], len(layers) if len(datasets) == 1 else 1)
+    n = sum(rows_of.values()) + (max(0, len(layers) - sum(rows_of.values())) if layers else 0)
     # the rows not measured yet are listed under the plot, not drawn
     listed = textwrap.fill("not measured yet: " + ", ".join(missing), 150) if missing else ""
     foot = 0.45 + 0.14 * (listed.count("\n") + 1 if listed else 0)
-    height = 1.35 + foot + 0.5 * n
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 3.5, height), squeeze=False)
-    for ax, (metric, xlabel) in zip(axes[0], panels):
+    height = 1.35 + foot + 0.5 * n + 0.55 * (len(datasets) - 1)
+    fig = plt.figure(figsize=(5.5 * len(panels) + 3.5, height))
+    grid = fig.add_gridspec(len(datasets), len(panels), height_ratios=[rows_of[d] + 0.6 for d in datasets])
+    drawn = []
+    for col, (metric, xlabel) in enumerate(panels):
         if metric == "layer_bits":
+            ax = fig.add_subplot(grid[:, col])
             _plot_layers(ax, layers, xlabel)
+            drawn.append((metric, tuple(ax.get_xlim())))
             continue
-        groups = per_metric[metric]
-        unit = CHART_UNITS.get(metric, "")
-        reach = max(max([abs(g[2] - g[1]) + (g[3] or 0)] + [abs(v - g[1]) for v in g[5]]) for g in groups)
-        reach = max(reach * 1.25, 1e-3)
-        for y, (label, pub, rep, err, differs, seeds) in enumerate(groups):
-            gap = rep - pub
-            ax.errorbar([gap], [y], xerr=None if err is None else [[err], [err]], fmt="o",
-                        color="tab:orange", mfc="white" if differs else "tab:orange", capsize=3, markersize=6)
-            if seeds:                             # each seed's run as a dot
-                ax.plot([v - pub for v in seeds], [y + 0.18] * len(seeds), "k.", markersize=4)
-            ax.text(reach, y, f" {pub:.2f} -> {rep:.2f} ({gap:+.2f}{unit})", va="center", fontsize=7)
-        ax.axvline(0.0, color="tab:blue", linewidth=1)
-        ax.set_yticks(range(len(groups)))
-        ax.set_yticklabels([g[0] for g in groups], fontsize=7)
-        ax.set_ylim(len(groups) - 0.4, -0.6)
-        ax.set_xlim(-reach, reach)                # symmetric: a gap reads the same to either side
-        seeded = any(g[5] for g in groups)
-        ax.set_xlabel(f"measured - published, {xlabel}" + ("; error bar = 1 s.e. of the test subset"
-                                                             if any(g[3] for g in groups) and not seeded else "")
-                      + ("; several seeds: mean, ±1 std, dots = runs" if seeded else ""), fontsize=8)
+        for row, dataset in enumerate(datasets):
+            groups = [g for g in per_metric[metric] if g[6] == dataset]
+            if not groups:
+                continue
+            ax = fig.add_subplot(grid[row, col])
+            _plot_gaps(ax, groups, metric, xlabel + (f" ({dataset})" if len(datasets) > 1 else ""))
+            drawn.append((metric, tuple(ax.get_xlim())))
     handles = [plt.Line2D([], [], color="tab:blue"), plt.Line2D([], [], marker="o", color="tab:orange", ls=""),
                plt.Line2D([], [], marker="o", color="tab:orange", mfc="white", ls="")]
     labels = ["published (zero gap)", "measured", "measured on another split than published"]
@@ -760,10 +758,32 @@ def plot_paper(result, path):
         fig.text(0.01, 0.08 / height, listed, ha="left", va="bottom", fontsize=7, color="0.3")
     fig.tight_layout(rect=(0, foot / height, 1, 1 - 0.45 / height))   # title, legend and list in fixed inches
     fig.savefig(path, dpi=100)
-    drawn = [(metric, tuple(ax.get_xlim())) for ax, (metric, _) in zip(axes[0], panels)]
     plt.close(fig)
     return {"bars": sum(len(per_metric.get(m, [])) for m, _ in panels), "panels": drawn,
-            "not_measured": not_measured, "layer_runs": len(layers)}
+            "not_measured": not_measured, "layer_runs": len(layers), "datasets": datasets}
+
+
+def _plot_gaps(ax, groups, metric, xlabel):
+    """One panel: each row's gap with its error bar and seed dots, about a zero line, on a symmetric axis."""
+    unit = CHART_UNITS.get(metric, "")
+    reach = max(max([abs(g[2] - g[1]) + (g[3] or 0)] + [abs(v - g[1]) for v in g[5]]) for g in groups)
+    reach = max(reach * 1.25, 1e-3)
+    for y, (label, pub, rep, err, differs, seeds, _) in enumerate(groups):
+        gap = rep - pub
+        ax.errorbar([gap], [y], xerr=None if err is None else [[err], [err]], fmt="o",
+                    color="tab:orange", mfc="white" if differs else "tab:orange", capsize=3, markersize=6)
+        if seeds:                             # each seed's run as a dot
+            ax.plot([v - pub for v in seeds], [y + 0.18] * len(seeds), "k.", markersize=4)
+        ax.text(reach, y, f" {pub:.2f} -> {rep:.2f} ({gap:+.2f}{unit})", va="center", fontsize=7)
+    ax.axvline(0.0, color="tab:blue", linewidth=1)
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels([g[0] for g in groups], fontsize=7)
+    ax.set_ylim(len(groups) - 0.4, -0.6)
+    ax.set_xlim(-reach, reach)                # symmetric: a gap reads the same to either side
+    seeded = any(g[5] for g in groups)
+    ax.set_xlabel(f"measured - published, {xlabel}" + ("; error bar = 1 s.e. of the test subset"
+                                                         if any(g[3] for g in groups) and not seeded else "")
+                  + ("; several seeds: mean, ±1 std, dots = runs" if seeded else ""), fontsize=8)
 
 
 def _plot_layers(ax, layers, xlabel):

@@ -221,14 +221,21 @@ def cache_dir():
 
 
 def _cached(tag, paths, build):
-    """`build()` (a dict of arrays), cached as .npz keyed by every file's absolute path, size and mtime.
+    """`build()` (a dict of arrays), cached as .npz keyed by the files' content: each file's bytes and its name
+    relative to the folder all of them share (class folders give labels), so the same data reached through
+    another path (a link, a copy, a moved data root) is decoded and stored once.
 
     The file is written atomically (temp file + rename); an unwritable cache only costs speed.
     """
     h = hashlib.sha1()
+    base = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    if len(paths) == 1:
+        base = os.path.dirname(base)
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        with open(p, "rb") as f:
+            blob = f.read()
+        h.update(f"{os.path.relpath(os.path.abspath(p), base)}\0{len(blob)}\0".encode())
+        h.update(hashlib.sha1(blob).digest())
     path = os.path.join(cache_dir(), f"{tag}-{len(paths)}-{h.hexdigest()[:16]}.npz")
     if os.path.isfile(path):
         try:

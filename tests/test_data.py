@@ -315,6 +315,15 @@ def test_cifar10_class_folders_round_trip_and_cache(tmp_path, cache, monkeypatch
     os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert np.array_equal(data.cifar10(root).data[3], 255 - x[3])
 
+    # the same data through another path (a copy elsewhere) is served by the same cache entry: the key is content
+    import shutil
+    moved = str(tmp_path / "elsewhere" / "cifar")
+    shutil.copytree(root, moved)
+    with monkeypatch.context() as m:
+        m.setattr(data.Image, "open", no_decoding)
+        assert np.array_equal(data.cifar10(moved).data[3], 255 - x[3])
+    assert len(os.listdir(cache)) == 3                          # two first builds + the changed image, no more
+
     # works with a DataLoader and a tensor transform
     to_tensor = lambda im: torch.from_numpy(pixels(im).copy()).permute(2, 0, 1)  # noqa: E731
     loader = torch.utils.data.DataLoader(data.cifar10(root, train=False, transform=to_tensor), batch_size=4)

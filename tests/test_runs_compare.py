@@ -149,14 +149,22 @@ def test_charts_show_the_gap_about_zero_and_draw_only_measured_rows(tmp_path):
     out = compare.plot_paper(compare.compare_paper("alq", records=alq, reference=[]), str(tmp_path / "b.png"))
     assert [m for m, _ in out["panels"]] == ["top1", "avg_bits", "storage_KB"]
     assert all(lo == -hi and hi > 0 for _, (lo, hi) in out["panels"])
+    # rows of several datasets: a panel each, with its own axis (MNIST's small gaps are not flattened by
+    # a CIFAR-10 subset's wide error bar)
+    mixed = [rec(91.0), dict(model="resnet10", dataset="mnist", setting="W4A4", metric="top1", value=99.70,
+                             split="train", n_samples=60000, recipe=FULL, timestamp="2026-01-01T00:00:00")]
+    out = compare.plot_paper(compare.compare_paper("apot", records=mixed, reference=[]), str(tmp_path / "c.png"))
+    assert out["datasets"] == ["mnist", "cifar10"] or out["datasets"] == ["cifar10", "mnist"]
+    spans = dict(zip(out["datasets"], [hi for _, (_, hi) in out["panels"]]))
+    assert spans["mnist"] == pytest.approx(1.25 * (99.70 - 99.64)) and spans["cifar10"] > 1.0
 
 
 def test_split_difference_is_marked_in_the_chart():
     r = dict(model="resnet10", dataset="mnist", setting="W4A4", metric="top1", value=98.7, split="test",
              n_samples=10000, recipe=FULL, timestamp="2026-01-01T00:00:00")
     groups, _ = compare.chart_groups(compare.compare_paper("apot", records=[r], reference=[]))
-    (label, _, _, _, differs, _), *_ = groups["top1"]
-    assert differs and "published on train, measured on test" in label
+    (label, _, _, _, differs, _, dataset), *_ = groups["top1"]
+    assert dataset == "mnist" and differs and "published on train, measured on test" in label
 
 
 def test_paper_without_code_is_marked(monkeypatch, tmp_path):
