@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# APoT speed check on a GPU machine (issue 13), in one call. Prepare here with `bash .ci/prepare-gpu.sh`
+# APoT speed check on a GPU machine, in one call. Prepare here with `bash .ci/prepare-gpu.sh`
 # (wheels in .whl/, MNIST gzipped and a packed 5,000-image CIFAR-10 subset in .gpudata/), carry both, then run
 # there from the repository root:
 #     bash apot/gpu_check.sh [bench] [train]          (both when none is named)

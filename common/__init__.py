@@ -6,6 +6,4 @@ the paper's own directory.
 How a paper script uses it (checks before work, run directory, checkpoint identity, recipe, interrupt,
 records, links to the original's paths): common/README.md; apot/CIFAR10/main.py is the shortest example.
 """
-import os
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common.paths import REPO_ROOT  # noqa: F401  (re-exported: `from common import REPO_ROOT`)

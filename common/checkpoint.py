@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from common.device import get_rng_state, set_rng_state
 from common.errors import UserError
 
 
@@ -122,7 +123,6 @@ def load_model_state(model, state_dict, strict=True, what="checkpoint"):
 
 def training_state(model, optimizer=None, scheduler=None, epoch=0, best=None, **extra):
     """Everything a killed run needs to continue: weights, optimizer, scheduler, next epoch, best metric, RNG."""
-    from common.device import get_rng_state
     m = model.module if hasattr(model, "module") else model
     state = {"epoch": int(epoch), "state_dict": m.state_dict(), "rng": get_rng_state()}
     if best is not None:
@@ -140,7 +140,6 @@ def restore_training_state(ckpt, model, optimizer=None, scheduler=None, restore_
 
     Returns (epoch, best) where `epoch` is the epoch to start from.
     """
-    from common.device import set_rng_state
     m = model.module if hasattr(model, "module") else model
     load_model_state(m, extract_state_dict(ckpt), strict=True, what="resume checkpoint")
     if optimizer is not None and "optimizer" in ckpt:

@@ -13,6 +13,7 @@ import os
 import tempfile
 
 from common.errors import UserError
+from common.paths import results_dir, results_env
 
 
 def check_range(flag, value, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -91,7 +92,6 @@ def check_writable_file(path, flag):
 
 def check_results_writable():
     """The results directory (QUANTLAB_RESULTS, RESULTS_DIR or results/) accepts records: checked before any work."""
-    from common.results import results_dir, results_env
     d = results_dir()
     flag = results_env()[0] or "results directory"
     check_writable_dir(d, flag)

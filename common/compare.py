@@ -33,11 +33,11 @@ import time
 
 from common import REPO_ROOT
 from common.errors import UserError, run_main
+from common.paths import REFERENCE_DIR, reference_dir  # noqa: F401 - also read as common.compare.reference_dir
 from common.results import read_jsonl, read_records, results_dir
 
 PAPERS = ("apot", "alq", "dambq", "alignq", "fdda")
 PUBLISHED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published")
-REFERENCE_DIR = os.path.join(REPO_ROOT, "results", "reference")   # committed records (QUANTLAB_REFERENCE moves it)
 ROW_FIELDS = ("model", "dataset", "setting", "metric", "value", "split", "source")
 KEY_FIELDS = ("model", "dataset", "setting", "metric")
 
@@ -105,10 +105,6 @@ def latest_by_key(records, extra=()):
 def load_records(paper, directory=None, warn=None):
     """Local records (results/<paper>.jsonl); corrupt lines are skipped with a file:line warning."""
     return [dict(r, _origin="local") for r in read_records(paper, directory, warn)]
-
-
-def reference_dir():
-    return os.environ.get("QUANTLAB_REFERENCE") or REFERENCE_DIR
 
 
 def load_reference(paper, directory=None, warn=None):

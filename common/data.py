@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Subset
 
 from common.errors import UserError
 from common.meters import progress
+from common.paths import DATA_ENV, cache_dir, data_root  # noqa: F401 - the data root and cache, re-exported
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -36,15 +37,6 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Bag", "Ankle boot"]
 OFFICE31_DOMAINS = ("amazon", "dslr", "webcam")
 OFFICE31_SIZES = {"amazon": 2817, "dslr": 498, "webcam": 795}
-
-
-DATA_ENV = "QUANTLAB_DATA"
-
-
-def data_root(fallback="./data"):
-    """Every script's default data root: $QUANTLAB_DATA, else ./data (one rule for the scripts and the Makefile).
-    A data root may hold several datasets side by side (MNIST/, cifar10/ or cifar-10-batches-py/, ...)."""
-    return os.environ.get(DATA_ENV) or fallback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +206,6 @@ def _decode(src, paths, shape):
         return np.stack(list(progress(ex.map(load, paths), desc=f"decoding {src.name}", total=len(paths))))
     finally:
         ex.shutdown(cancel_futures=True)
-
-
-def cache_dir():
-    return os.environ.get("QUANTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quantlab")
 
 
 def _cached(tag, paths, build):

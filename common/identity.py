@@ -21,6 +21,7 @@ import os
 import sys
 
 from common.errors import UserError
+from common.paths import REPO_ROOT
 
 IDENTITY_KEY = "quantlab"
 MATCH_FIELDS = ("paper", "model", "bits", "scheme")
@@ -67,7 +68,6 @@ def sha256_file(path, chunk=1 << 20):
 
 def script_name(argv0=None):
     """The running script relative to the repository root ('apot/CIFAR10/main.py')."""
-    from common import REPO_ROOT
     p = os.path.abspath(argv0 or sys.argv[0])
     rel = os.path.relpath(p, REPO_ROOT)
     return p if rel.startswith("..") else rel

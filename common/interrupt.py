@@ -80,7 +80,7 @@ def stop(message):
 def save_and_stop(path, state, log=None, where=""):
     """Write the resumable `state` to `path` atomically, flush the run's log, raise Interrupted saying how
     to resume (`where`: 'epoch 0 batch 5')."""
-    from common.checkpoint import save_checkpoint
+    from common.checkpoint import save_checkpoint   # here, not above: this module imports no torch
     save_checkpoint(state, path)
     if log is not None and hasattr(log, "flush"):
         log.flush()

@@ -13,17 +13,16 @@ import json
 import os
 import sys
 
-from common import REPO_ROOT
 from common.errors import UserError, cli
+from common.paths import REPO_ROOT, RUNS_ENV, SHARED_DIR, runs_root
 from common.results import read_jsonl
 
 
 def default_mapping(extra=()):
     """[(absolute prefix, replacement)], longest prefix first."""
-    pairs = [(REPO_ROOT + os.sep, ""), (os.path.normpath(os.path.join(REPO_ROOT, "..", "shared")) + os.sep,
-                                        "../shared/")]
-    if os.environ.get("QUANTLAB_RUNS"):
-        pairs.append((os.path.abspath(os.environ["QUANTLAB_RUNS"]) + os.sep, "runs/"))
+    pairs = [(REPO_ROOT + os.sep, ""), (SHARED_DIR + os.sep, "../shared/")]
+    if os.environ.get(RUNS_ENV):
+        pairs.append((os.path.abspath(runs_root()) + os.sep, "runs/"))
     pairs += list(extra)
     return sorted(pairs, key=lambda p: -len(p[0]))
 

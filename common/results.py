@@ -9,11 +9,13 @@ to pair them; see common/published/<paper>.json.
 """
 import json
 import os
+import platform
 import sys
 import time
 
-from common import REPO_ROOT
-from common.runlog import command_line, git_commit
+from common import runs
+from common.paths import REPO_ROOT, RESULTS_ENV, results_dir, results_env  # noqa: F401  (re-exported)
+from common.runlog import command_line, cpu_name, git_commit
 
 FIELDS = ("paper", "script", "model", "dataset", "split", "setting", "metric", "value", "n_samples",
           "extra", "command", "commit", "timestamp", "recipe", "seed", "run_dir", "host")
@@ -59,24 +61,7 @@ def combine_recipes(*recipes):
 
 
 def host_info():
-    from common.runlog import cpu_name
-    import platform
     return f"{platform.node()} ({cpu_name()})"
-
-
-RESULTS_ENV = ("QUANTLAB_RESULTS", "RESULTS_DIR")     # the first one set wins; RESULTS_DIR is the older name
-
-
-def results_env():
-    """(variable, value) of the environment variable that moves results/, or (None, None)."""
-    for k in RESULTS_ENV:
-        if os.environ.get(k):
-            return k, os.environ[k]
-    return None, None
-
-
-def results_dir():
-    return results_env()[1] or os.path.join(REPO_ROOT, "results")
 
 
 def record(paper, model, dataset, split, setting, metric, value, n_samples, extra=None, script=None,
@@ -86,7 +71,6 @@ def record(paper, model, dataset, split, setting, metric, value, n_samples, extr
     recipe: recipe_info(...) of the run (or of the evaluated checkpoint); seed and run_dir default to the
     current run's (common.runs.start_run); records without a recipe show as 'recipe not recorded'.
     """
-    from common import runs
     cur = runs.current()
     if cur is not None:
         run_dir = run_dir or cur.dir

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from common import REPO_ROOT
+from common.paths import REPO_ROOT
 
 
 def git_commit():

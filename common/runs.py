@@ -15,9 +15,10 @@ runs/apot/cifar10-res20_4bit-.../, so `--init result/res20_4bit/model_best.pth.t
 import os
 import time
 
-from common import REPO_ROOT
 from common.checks import check_writable_dir
 from common.errors import UserError
+from common.paths import runs_root
+from common.runlog import RunLog
 
 _CURRENT = None
 
@@ -35,10 +36,6 @@ class Run:
 def current():
     """The Run started by start_run in this process, or None."""
     return _CURRENT
-
-
-def runs_root():
-    return os.environ.get("QUANTLAB_RUNS") or os.path.join(REPO_ROOT, "runs")
 
 
 def run_name(*parts):
@@ -105,7 +102,6 @@ def start_run(paper, run_dir, args=None, seed=None, device=None, recipe=None, et
     """Open the run: RunLog (manifest, log.txt, lazy tensorboard) and the start lines every script prints:
     device, seed, run directory, recipe and the whole-run ETA when known. Returns the Run."""
     global _CURRENT
-    from common.runlog import RunLog
     if overwrite:
         clear_for_overwrite(run_dir)
     log = RunLog(run_dir, args, seed=seed, device=device, tensorboard=tensorboard,

@@ -1,4 +1,4 @@
-"""A lint for host synchronisation (issue 13): calls that make the host wait for the device (or copy to it) when
+"""A lint for host synchronisation: calls that make the host wait for the device (or copy to it) when
 a tensor lives on a GPU. CUDA's sync debug mode cannot run on a CPU, so CI reads the source instead."""
 import ast
 import inspect

@@ -1,8 +1,8 @@
-"""No host synchronisation where it costs a GPU step (issue 13), for DAMBQ, AlignQ, FDDA and ALQ (APoT:
-tests/test_speed_apot.py): a lint over every quantizer's forward/backward, and over the per-batch body of each
-training and evaluation pass, where the running loss/accuracy stay on the device (read at print lines and at
-the end). Plus: the device-side ALQ epoch statistics give exactly the figures of the host-side sums they
-replaced."""
+"""No host synchronisation where it costs a GPU step (the host would wait for the device every batch), for
+DAMBQ, AlignQ, FDDA and ALQ (APoT: tests/test_speed_apot.py): a lint over every quantizer's forward/backward,
+and over the per-batch body of each training and evaluation pass, where the running loss/accuracy stay on the
+device (read at print lines and at the end). Plus: the device-side ALQ epoch statistics give exactly the
+figures of the host-side sums they replaced."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Issue 9 on the APoT scripts: checkpoint identity (own and published), no overwrite, checks before work,
+"""Run safety on the APoT scripts: checkpoint identity (own and published), no overwrite, checks before work,
 interrupt-then-resume in the first epoch, file modes, one event file per run. Tiny generated data; the
 published-checkpoint cases skip without ../shared."""
 import glob

@@ -1,4 +1,4 @@
-"""Issue 9 on FDDA (main_cosine_CBNS.py, test.py, BNScenters.py): checkpoint identity and one-line mismatches,
+"""Run safety on FDDA (main_cosine_CBNS.py, test.py, BNScenters.py): checkpoint identity and one-line mismatches,
 one run layout (runs/fdda/<name>/, the original's save_path/log_... linking the latest finished run), checks
 before any data is read, honest records, and an interrupt inside an epoch that --resume continues exactly.
 Generated 4-class ImageFolder, random mobilenetv2_w1 at 32 px, in-process."""

@@ -1,4 +1,4 @@
-"""APoT fast quantizers (issue 13): the fused autograd Functions equal the straightforward reference bit for bit
+"""APoT fast quantizers: the fused autograd Functions equal the straightforward reference bit for bit
 on every input and every incoming gradient, they trace without graph breaks, and the quantizer hot paths
 contain no host-synchronising call (a lint: CUDA's sync debug mode cannot run on a CPU).
 
