@@ -22,7 +22,7 @@ export DATA EPOCHS SMOKE
 TEST_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1}
 
 .DEFAULT_GOAL := help
-.PHONY: help setup reference-table bench-gpu test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
+.PHONY: help setup reference-table bench-gpu lint test test-originals test-gpu test-slow test-all bench compare reproduce-apot reproduce-alq reproduce-dambq reproduce-alignq pretrain-alignq pretrain-alignq-dann reproduce-fdda clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -39,6 +39,11 @@ $(STAMP): requirements.txt
 TEST_JOBS ?= 2
 test: setup ## run the test suite in TEST_JOBS processes (the README's test command; CI runs it)
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_JOBS)
+
+lint: setup ## ruff with ruff.toml's small rule set when ruff is installed; the layout tests always (make test runs them too)
+	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check .; \
+	else echo "lint: ruff is not installed in the venv; running the stdlib checks of tests/test_layout.py only"; fi
+	$(TEST_ENV) $(PY) -m pytest -q tests/test_layout.py
 
 test-originals: setup ## side by side with the authors' code, bitwise (QUANTLAB_ORIGINALS=DIR; tests/originals/README.md)
 	@if [ -z "$${QUANTLAB_ORIGINALS:-}" ]; then echo "test-originals: skipped: set QUANTLAB_ORIGINALS to a folder of the five original checkouts (tests/originals/README.md)"; \
