@@ -50,14 +50,17 @@ def holds_run(d):
 
 
 def plan_run_dir(paper, name_parts=(), name=None, save_dir=None, resume=None, overwrite=False,
-                 flag="--save-dir"):
+                 flag="--save-dir", root=None, root_flag=None):
     """The directory of this run, decided and checked before any work.
 
     save_dir (an explicit flag) wins, then an explicit name (runs/<paper>/<name>: a resumed run continued in
     a new directory), then the directory of the --resume checkpoint when it is a run directory of this
     project, else a new runs/<paper>/<name parts + time>. A directory that holds a run is refused unless it
     is the one the --resume checkpoint belongs to or `overwrite` (the explicit --overwrite flag) is given.
+    root (named by the flag `root_flag`): the folder of this paper's runs instead of runs/<paper>/ (DAMBQ's
+    --checkpoint-dir).
     """
+    base_dir = root or os.path.join(runs_root(), paper)
     resume_dir = os.path.dirname(os.path.realpath(resume)) if resume else None   # links: the run's own dir
     if save_dir:
         d = save_dir
@@ -65,15 +68,15 @@ def plan_run_dir(paper, name_parts=(), name=None, save_dir=None, resume=None, ov
             and os.access(resume_dir, os.W_OK):
         d = resume_dir
     elif name:
-        d = os.path.join(runs_root(), paper, name)
+        d = os.path.join(base_dir, name)
         flag = "--name"
     else:
-        d = base = os.path.join(runs_root(), paper, run_name(*name_parts))
+        d = base = os.path.join(base_dir, run_name(*name_parts))
         k = 1
         while os.path.lexists(d):                 # two runs started in the same second
             k += 1
             d = f"{base}-{k}"
-        flag = "QUANTLAB_RUNS"
+        flag = (root_flag or "--root") if root else "QUANTLAB_RUNS"
     check_writable_dir(d, flag)
     if holds_run(d) and not overwrite and not (resume and os.path.realpath(d) == resume_dir):
         if resume:

@@ -193,6 +193,32 @@ def test_runs_never_overwrite_each_other_and_the_documented_path_links_the_lates
     assert r['recipe']['summary'] == 'shortened: epochs 1 of 300; train images 40 of 50000; max_iters 1'
 
 
+@pytest.mark.parametrize('where', ['QUANTLAB_RUNS', '--checkpoint-dir'])
+def test_runs_started_in_the_same_second_get_their_own_directories(where, tmp_path, monkeypatch):
+    """The run directory is planned by common.runs.plan_run_dir, also under --checkpoint-dir (another folder than
+    runs_root()/dambq): a second run of the same --expr-name in the same second gets <name>-<time>-2, a third -3;
+    --name is taken as given and refused when it holds a run."""
+    from dambq.checkpoints import plan_run
+    monkeypatch.setenv('QUANTLAB_RUNS', str(tmp_path / 'qruns'))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs.time, 'strftime', lambda fmt, *a: '20260101-120000')
+    flags, root = ((['--checkpoint-dir', 'cd'], 'cd') if where == '--checkpoint-dir' else
+                   ([], str(tmp_path / 'qruns' / 'dambq')))
+    argv = ['--expr-name', 'e'] + flags
+    made = []
+    for _ in range(3):
+        d, cont = plan_run(dm.parse_args(argv))
+        assert cont is None and not os.path.exists(d)
+        os.makedirs(d)
+        open(os.path.join(d, 'manifest.json'), 'w').close()
+        made.append(d)
+    stamp = os.path.join(root, 'e-20260101-120000')
+    assert made == [stamp, f'{stamp}-2', f'{stamp}-3']
+    assert plan_run(dm.parse_args(argv + ['--name', 'n'])) == (os.path.join(root, 'n'), None)
+    with pytest.raises(UserError, match=r'e-20260101-120000 already holds a run: continue it with --continue'):
+        plan_run(dm.parse_args(argv + ['--name', 'e-20260101-120000']))
+
+
 # ----------------------------------------------------------------------------- interrupt and exact resume
 
 def test_sigterm_inside_the_first_epoch_saves_and_continue_is_exact(env, tmp_path, monkeypatch, capsys):

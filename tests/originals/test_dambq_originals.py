@@ -82,7 +82,7 @@ def run_original(om, init, batches):
 
 
 def run_project(init, batches, mutate=None):
-    """This project's train_run loop body per epoch, around main_cifar10.train."""
+    """This project's epoch (dambq.engine.TrainingRun.one_epoch) around main_cifar10.train."""
     from dambq import main_cifar10 as pmain
     from dambq.model import QuantConv2d, QuantLinear, QuantTune
     from dambq.model.cifar10.resnet import resnet20
