@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
-from common.data import ArrayDataset, cifar10, mnist, office31, office31_split, svhn
+from common.data import ArrayDataset, cifar10, data_root, mnist, office31, office31_split, svhn
 from common.errors import UserError
 
 CIFAR_NORM = T.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
@@ -20,12 +20,8 @@ HALF_NORM3 = T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def default_data_dir():
-    """./data, or the developers' ../shared/data next to the repository when ./data does not exist."""
-    if os.path.isdir("data"):
-        return "data"
-    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "shared", "data")
-    return shared if os.path.isdir(shared) else "data"
+    """The project's data root: $QUANTLAB_DATA, else ./data (common.data.data_root)."""
+    return data_root()
 
 
 def _sub(root, name):

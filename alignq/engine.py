@@ -4,8 +4,9 @@ cls (CIFAR-10 / SVHN): CE (+ ADMM terms), SGD, lr = lr * gamma^(#milestones <= e
 original's scheduler.step(epoch)), test every epoch, best by test top-1.
 dann (Office-31 / digits): zip(source, target) batches, GRL alpha from p = (epoch * iters + i) / (E * iters)
 with iters the longer loader, loss = CE(class, src) + CE(domain, src -> 0) + CE(domain, tgt -> 1) (+ ADMM),
-a fresh SGD each epoch (feature lr LR/10, heads LR, LR = lr / (1 + 10 (epoch - 1) / E)^0.75), best by
-target hold-out top-1. dsan: the LMMD loss of alignq/dsan.py instead of the domain classifier.
+a fresh SGD each epoch (the original's own at W < 32 with --method ours; feature lr LR/10, heads LR,
+LR = lr / (1 + 10 (epoch - 1) / E)^0.75), best by target hold-out top-1. dsan: the LMMD loss of alignq/dsan.py
+instead of the domain classifier.
 ADMM (cdf_alignment_admm/): after each optimizer step every ADMM module updates Z and Gamma.
 """
 import bisect
@@ -30,9 +31,10 @@ from common.data import OFFICE31_DOMAINS
 from common.devdata import DeviceSums
 from common.device import get_device, get_rng_state, seed_everything, set_rng_state
 from common.errors import UserError, run_main
-from common.identity import check_checkpoint, describe, expect, identity
+from common.identity import check_checkpoint, describe, expect, identify, identity
 from common.meters import AverageMeter, accuracy, progress
 from common.results import combine_recipes, recipe_info, record
+from common.runlog import epoch_label, epoch_span
 
 PAPER = "alignq"
 IMAGENET_FILES = ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth")   # torchvision's IMAGENET1K_V1 (new, old name)
@@ -121,6 +123,18 @@ def load_weights(model, path, what, expect_model=None):
     own.update({k: v for k, v in sd.items() if k in own})
     model.load_state_dict(own)
     return ckpt
+
+
+def check_fp32_source(ckpt, path):
+    """The source model of a quantized run must be a full-precision one: a checkpoint that records a bit-width
+    below 32 or a quantization scheme (an 8-bit run's model_best.pt, say) is refused; --refine starts from one."""
+    ident, _ = identify(ckpt)     # what the file records (check_checkpoint then also looks up its sha256)
+    if ident is None:
+        return
+    bits, scheme = ident.get("bits"), ident.get("scheme")
+    if (bits is not None and bits != 32) or (scheme is not None and scheme != "fp32"):
+        raise UserError(f"--source_dir/--source_file {path} is {describe(ident)}, not an FP32 model: pass the FP32 "
+                        f"source model (--bitW 32 --abitW 32 writes it), or --refine {path} to start from it")
 
 
 def imagenet_weights(args):
@@ -333,6 +347,12 @@ def make_optimizer(model, args, lr, admm_params):
     other = [p for p in model.parameters() if id(p) not in seen]
     if other:
         groups.append({"params": other, "lr": lr})
+    if args.experiment in ("dann_office", "dsan_office") and args.method == "ours" and args.bitW < 32:
+        # the original's own SGD, as its Office train() (dann_digit uses torch's); its idx is taken over the
+        # whole model's named parameters, Z/Gamma included, and read per group (alignq/optim.py)
+        idx = quantized_indices([n for n, _ in model.named_parameters()], downsample=True)
+        return OriginalSGD(groups, lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay,
+                           standard_idx=idx, standard=args.standard_sgd)
     return torch.optim.SGD(groups, lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
@@ -352,22 +372,59 @@ def sgd_step(model, optimizer, args, admm_on, loss, logits, y, sums, history, ad
              admm=lv.new_zeros(()) if admm is None else admm.detach())
 
 
+def resume_epoch(resume, sums, history):
+    """Restore an interrupted epoch's partial sums and loss history; the number of batches already done."""
+    if not resume:
+        return 0
+    sums.total = resume["sums_total"].to(sums.total.device)
+    sums.last = resume["sums_last"].to(sums.last.device)
+    history.extend(resume["history"].unbind(0))
+    return int(resume["batch"])
+
+
+def skipped(i, skip, resume):
+    """True for a batch an interrupted epoch already did: drawn from the loader (the sampler's order, the
+    transforms' and workers' draws stay those of the uninterrupted run) but not computed. After the last such
+    batch the RNG becomes the one saved right after it, so what the model draws (dropout) continues as well."""
+    if i > skip:
+        return False
+    if i == skip:
+        set_rng_state(resume["rng_batch"])
+    return True
+
+
+def epoch_state(sums, history, done):
+    """What a resumed epoch needs besides weights and optimizer: batches done, partial sums, loss history and the
+    RNG right after the last batch done (`rng` in the checkpoint is the RNG as the epoch began)."""
+    return {"batch": int(done), "sums_total": sums.total.detach().cpu().clone(),
+            "sums_last": sums.last.detach().cpu().clone(),
+            "history": torch.stack(history).detach().cpu() if history else torch.zeros(0),
+            "rng_batch": get_rng_state()}
+
+
 def read_epoch(sums, history, meters):
     """The epoch's meters and per-step loss history as floats: one host sync."""
     sums.read(meters)
     return torch.stack(history).tolist() if history else []
 
 
-def train_cls(model, loader, optimizer, args, device, epoch, log, eta=None):
+def train_cls(model, loader, optimizer, args, device, epoch, log, eta=None, resume=None):
+    """One epoch; (loss, top1, history, stopped): `stopped` is the epoch_state() when SIGINT/SIGTERM ended it
+    after a batch, else None. `resume`: such a state, whose batches are skipped."""
     losses, trans, top1 = AverageMeter("loss"), AverageMeter("admm"), AverageMeter("top1")
     criterion = nn.CrossEntropyLoss()
     model.train()
     admm_on = use_admm(args)
     n_iter = len(loader) if not args.max_iters else min(len(loader), args.max_iters)
-    bar = progress(loader, desc=f"epoch {epoch}", total=n_iter)
+    bar = progress(loader, desc=epoch_label(epoch, args.num_epochs), total=n_iter)
     history, sums = [], DeviceSums(device, "loss", "top1", "admm")
     meters = {"loss": losses, "top1": top1, "admm": trans}
+    skip, stopped = resume_epoch(resume, sums, history), None
     for i, (x, y) in enumerate(bar, 1):
+        if skipped(i, skip, resume):
+            if i >= n_iter:
+                break
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss = criterion(out, y)
@@ -375,28 +432,36 @@ def train_cls(model, loader, optimizer, args, device, epoch, log, eta=None):
         total = loss if extra is None else loss + extra
         sgd_step(model, optimizer, args, admm_on, total, out, y, sums, history, admm=extra)
         if eta is not None:
-            eta.batch(i - 1)
+            eta.batch(i - 1, skip)
         if i % args.print_freq == 0:
             sums.read(meters)
             bar.set_postfix(loss=f"{losses.avg:.4f}", top1=f"{top1.avg:.2f}")
-            log.info(f"Epoch[{epoch}]({i}/{n_iter}): Train_loss {losses.val:.4f} ({losses.avg:.4f})"
+            log.info(f"{epoch_label(epoch, args.num_epochs)} ({i}/{n_iter}): Train_loss {losses.val:.4f} "
+                     f"({losses.avg:.4f})"
                      + (f" Transform_loss {trans.val:.4f} ({trans.avg:.4f})" if admm_on else "")
                      + f" Prec@1 {top1.avg:.3f}")
-        if i >= n_iter or interrupt.requested():
+        if interrupt.requested():
+            stopped = epoch_state(sums, history, i)
+            break
+        if i >= n_iter:
             break
     history = read_epoch(sums, history, meters)
-    return losses.avg, top1.avg, history
+    return losses.avg, top1.avg, history, stopped
 
 
-def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optimizer=None, eta=None):
+def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optimizer=None, eta=None, resume=None):
     """One DANN/DSAN epoch. Office-31: the optimizer is rebuilt here every epoch (momentum restarts) at
     dann_lr(epoch), p runs over the longer loader. Digits (`optimizer` given, kept across epochs): lr set every
-    iteration to lr / (1 + alpha p)^0.75 (alpha = --alpha), p over the shorter loader, GRL without the 1e-6."""
+    iteration to lr / (1 + alpha p)^0.75 (alpha = --alpha), p over the shorter loader, GRL without the 1e-6.
+    Returns (loss, top1, history, stopped) as train_cls; an Office `stopped` also holds the epoch's optimizer
+    state (`epoch_optimizer_t`), which a `resume` restores."""
     digit = optimizer is not None
     lr = dann_lr(args, epoch)
     admm_on = use_admm(args)
     if not digit:
         optimizer = make_optimizer(model, args, lr, admm_param_names(model))
+        if resume and resume.get("epoch_optimizer_t"):
+            optimizer.load_state_dict(resume["epoch_optimizer_t"])
     criterion = nn.CrossEntropyLoss()
     model.train()
     src, tgt = loaders["src_train"], loaders["tgt_train"]
@@ -406,7 +471,13 @@ def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optim
         n_steps = min(n_steps, args.max_iters)
     losses, top1 = AverageMeter("loss"), AverageMeter("top1")
     history, sums, meters = [], DeviceSums(device, "loss", "top1"), {"loss": losses, "top1": top1}
-    for i, ((xs, ys), (xt, _)) in enumerate(progress(zip(src, tgt), desc=f"epoch {epoch}", total=n_steps), 1):
+    bar = progress(zip(src, tgt), desc=epoch_label(epoch, args.num_epochs), total=n_steps)
+    skip, stopped = resume_epoch(resume, sums, history), None
+    for i, ((xs, ys), (xt, _)) in enumerate(bar, 1):
+        if skipped(i, skip, resume):
+            if i >= n_steps:
+                break
+            continue
         p = (num_iter * epoch + i) / args.num_epochs / num_iter
         alpha = grl_alpha(p, eps=0.0 if digit else 1e-6)
         if digit:
@@ -434,15 +505,21 @@ def train_domain(model, loaders, args, device, epoch, log, dsan_loss=None, optim
                     loss = loss + e
         sgd_step(model, optimizer, args, admm_on, loss, cls_s, ys, sums, history)
         if eta is not None:
-            eta.batch(i - 1)
+            eta.batch(i - 1, skip)
         if i % args.print_freq == 0:
             sums.read(meters)
-            log.info(f"Epoch[{epoch}]({i}/{n_steps}): loss {losses.val:.4f} ({losses.avg:.4f}) alpha {alpha:.3f} "
+            log.info(f"{epoch_label(epoch, args.num_epochs)} ({i}/{n_steps}): loss {losses.val:.4f} "
+                     f"({losses.avg:.4f}) alpha {alpha:.3f} "
                      f"lr {lr:.2e} src Prec@1 {top1.avg:.3f}")
-        if i >= n_steps or interrupt.requested():
+        if interrupt.requested():
+            stopped = epoch_state(sums, history, i)
+            if not digit:
+                stopped["epoch_optimizer_t"] = optimizer.state_dict()
+            break
+        if i >= n_steps:
             break
     history = read_epoch(sums, history, meters)
-    return losses.avg, top1.avg, history
+    return losses.avg, top1.avg, history, stopped
 
 
 def evaluate(model, loader, device, domain=False):
@@ -556,6 +633,7 @@ def run(argv=None, experiment=None, admm=False, prog="main.py"):
         if path is None:
             raise UserError(f"FP32 source model not found: looked for {' and '.join(cands)}; {pretrain_hint(args)}")
         ck = load_weights(model, path, "FP32 source model", name)
+        check_fp32_source(ck, path)
         ident, note = check_checkpoint(ck, path, wanted(args), flag="--source_file", fields=("paper", "model"))
         source_recipe = (ident or {}).get("recipe")
         print(f"=> loaded the FP32 source model {path}")
@@ -624,12 +702,20 @@ def _train(model, args, run_dir, device, kind, train_loader, test_loader, loader
     elif args.experiment == "dann_digit":   # one SGD over every parameter for the whole run, as the original
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
+    mid = None                  # an interrupted epoch's state: its batches done are skipped
     if resume_ckpt is not None:
         if optimizer is not None and resume_ckpt.get("optimizer_t"):
             optimizer.load_state_dict(resume_ckpt["optimizer_t"])
-        if "rng" in resume_ckpt:
+        if "rng" in resume_ckpt:       # mid-epoch: the RNG as that epoch began, so it draws the same order again
             set_rng_state(resume_ckpt["rng"])
-        log.info(f"=> resumed {args.resume} at epoch {start_epoch} (best {best:.3f})")
+        at = epoch_label(start_epoch, args.num_epochs) if start_epoch < args.num_epochs else "the end"
+        if resume_ckpt.get("mid_epoch"):
+            mid = resume_ckpt["mid_epoch"]
+            at += f" after batch {mid['batch']}"
+        log.info(f"=> resumed {args.resume} at {at} (best {best:.3f})")
+        if not mid and "job_dir" not in resume_ckpt and start_epoch < args.num_epochs:
+            log.info(f"=> {args.resume} was saved by an interrupt before checkpoints held the batch position: "
+                     f"{epoch_label(start_epoch, args.num_epochs)} restarts from its first batch")
     dsan_loss = None
     if kind == "dsan":
         from alignq.dsan import dsan_step
@@ -639,37 +725,44 @@ def _train(model, args, run_dir, device, kind, train_loader, test_loader, loader
     linked = os.path.realpath(args.job_dir) == run_dir     # --resume <job_dir>/checkpoint/model_last.pt works
     resume_hint = os.path.join(args.job_dir, "checkpoint", "model_last.pt") if linked else ckpt_last
     log.info(f"=> {args.experiment} {rec['name']} {rec['setting']}; {rec['n_test']} test images; "
-             f"epochs {start_epoch}..{args.num_epochs}; output {run_dir}" + (f" ({args.job_dir})" if linked else ""))
+             f"{epoch_span(start_epoch, args.num_epochs)}; output {run_dir}" + (f" ({args.job_dir})" if linked else ""))
     n_iter = len(train_loader) if kind == "cls" else min(len(loaders["src_train"]), len(loaders["tgt_train"]))
     eta = runs.ETA(args.num_epochs, start_epoch, min(n_iter, args.max_iters or n_iter), say=log.info)
     epoch_times, t1 = [], None
     with interrupt.armed():
         for epoch in range(start_epoch, args.num_epochs):
             t0 = time.time()
+            epoch_rng = get_rng_state()     # as the epoch began (a resumed one: restored above)
             if kind == "cls":
                 lr = cls_lr(args, epoch)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                loss, train_top1, _ = train_cls(model, train_loader, optimizer, args, device, epoch, log, eta)
+                loss, train_top1, _, stopped = train_cls(model, train_loader, optimizer, args, device, epoch, log,
+                                                         eta, resume=mid)
             else:
-                loss, train_top1, _ = train_domain(model, loaders, args, device, epoch, log, dsan_loss, optimizer,
-                                                   eta)
+                loss, train_top1, _, stopped = train_domain(model, loaders, args, device, epoch, log, dsan_loss,
+                                                            optimizer, eta, resume=mid)
                 lr = optimizer.param_groups[0]["lr"] if optimizer is not None else dann_lr(args, epoch)
-            if interrupt.requested():     # SIGINT/SIGTERM: the epoch stopped after a batch; --resume restarts it
-                save_checkpoint(state_of(model, args, epoch, best, optimizer, recipe), ckpt_last)
-                interrupt.stop(f"resumable checkpoint saved to {ckpt_last}; continue with --resume {resume_hint}")
+            mid = None
+            if stopped is not None:       # SIGINT/SIGTERM: the epoch stopped after a batch; --resume continues it
+                st = state_of(model, args, epoch, best, optimizer, recipe)
+                st["rng"], st["mid_epoch"] = epoch_rng, stopped
+                save_checkpoint(st, ckpt_last)
+                log.flush()
+                interrupt.stop(f"{epoch_label(epoch, args.num_epochs)} batch {stopped['batch']}: resumable "
+                               f"checkpoint saved to {ckpt_last}; continue with --resume {resume_hint}")
             epoch_times.append(time.time() - t0)
             t1, t5, _ = evaluate(model, test_loader, device)
-            msg = f"epoch {epoch}: lr {lr:.2e} train loss {loss:.4f} top1 {train_top1:.2f}; test Prec@1 {t1:.3f} " \
-                  f"Prec@5 {t5:.3f}"
+            msg = f"{epoch_label(epoch, args.num_epochs)}: lr {lr:.2e} train loss {loss:.4f} top1 {train_top1:.2f}; " \
+                  f"test Prec@1 {t1:.3f} Prec@5 {t5:.3f}"
             if kind != "cls":
                 s1, _, _ = evaluate(model, loaders["src_test"], device)
                 msg += f"; source Prec@1 {s1:.3f}"
-                log.scalar("src_test_top1", s1, epoch)
+                log.scalar("val/src_top1", s1, epoch + 1)
             log.info(msg + f" ({epoch_times[-1]:.1f} s; {eta.line(epoch + 1)})")
-            for k, v in (("train_loss", loss), ("train_top1", train_top1), ("test_top1", t1), ("test_top5", t5),
-                         ("lr", lr)):
-                log.scalar(k, v, epoch)
+            for k, v in (("train/loss", loss), ("train/top1", train_top1), ("val/top1", t1), ("val/top5", t5),
+                         ("train/lr", lr)):
+                log.scalar(k, v, epoch + 1)      # step: the 1-based number of the epoch just finished
             log.flush()
             is_best = t1 > best or not os.path.exists(best_path)
             best = max(best, t1)

@@ -16,16 +16,20 @@ import torch
 from torch.optim import Optimizer
 
 
-def quantized_indices(names):
-    """The original's `idx`: positions of the names holding 'conv' and 'weight', without the first."""
-    return [i for i, n in enumerate(names) if "conv" in n and "weight" in n][1:]
+def quantized_indices(names, downsample=False):
+    """The original's `idx`: positions of the names holding 'conv' and 'weight', without the first. The Office
+    DANN/DSAN loops (`downsample=True`) also count 'downsample.0' (ResNet-50's shortcut convolution)."""
+    return [i for i, n in enumerate(names)
+            if ("conv" in n or (downsample and "downsample.0" in n)) and "weight" in n][1:]
 
 
 class OriginalSGD(Optimizer):
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  standard_idx=(), standard=False):
-        """`standard_idx`: positions (in the single parameter group) that behave as plain momentum SGD in the
-        original (its quantized conv weights); every other parameter gets the aliased buffer."""
+        """`standard_idx`: positions that behave as plain momentum SGD in the original (its quantized conv
+        weights); every other parameter gets the aliased buffer. As the original's `i in idx`, a position counts
+        within each parameter group (the Office loops' idx comes from the whole model's parameter list; their
+        first group, the feature extractor, leads that list, and the heads' few positions hold no idx entry)."""
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov)
         super().__init__(params, defaults)

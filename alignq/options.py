@@ -11,6 +11,7 @@ import math
 import re
 
 from common.checks import check_range
+from common.data import data_root
 from common.errors import UserError
 
 # Per experiment: kind (cls: one labelled dataset; dann/dsan: source -> target), dataset, model flag, defaults
@@ -98,7 +99,7 @@ def build_parser(experiment, admm=False, prog="main.py"):
     b("--experiment", default=experiment, choices=sorted(EXPERIMENTS), help="which experiment (short-form entry)")
     b("--gpus", type=int, nargs="+", default=[0], help="GPU ids (the first is used; CPU when CUDA is absent)")
     b("--dataset", default=d["dataset"], help="dataset of the experiment (informational, as the original)")
-    b("--data_dir", default=None, help="data root (default ./data, ../shared/data when present)")
+    b("--data_dir", default=None, help="data root (default $QUANTLAB_DATA, else ./data)")
     b("--job_dir", default=f"experiment/ours/t_{experiment}/",
       help="the run's documented path: a link to its directory runs/alignq/<basename>-<time>/ (config.txt, log.txt, "
            "checkpoint/, tb/), made when the run starts")
@@ -207,8 +208,8 @@ def parse_args(argv, experiment=None, admm=False, prog="main.py"):
     if args.resume and args.refine:
         raise UserError("--resume (continue a run) and --refine (start a new run from a checkpoint's weights) "
                         "contradict each other: pass one of them")
-    if args.data_dir is None and args.dataset_root is not None:
-        args.data_dir = args.dataset_root
+    if args.data_dir is None:       # the project's one data rule: $QUANTLAB_DATA, else ./data
+        args.data_dir = args.dataset_root if args.dataset_root is not None else data_root()
     kind = EXPERIMENTS[args.experiment]["kind"]
     if args.corr_eps is None:
         args.corr_eps = 1e-5 if kind in ("dann", "dsan") else 0.0   # the original's DANN corr has +1e-5, CIFAR none

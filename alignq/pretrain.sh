@@ -3,7 +3,7 @@
 #   bash alignq/pretrain.sh resnet-20-cifar-10   -> alignq/cdf_alignment/resnet-20-cifar-10/pretrained/res20_32bit/model_best.pt
 #   bash alignq/pretrain.sh dann_office          -> alignq/cdf_alignment_admm/dann_office/pretrained/dslr_webcam/dw_32bit/model_best.pt
 # Each is the README command of that experiment with --bitW 32 --abitW 32 (same recipe otherwise).
-# Environment: EPOCHS (default 200, the README's), DATA (default ../shared/data if present, else ./data),
+# Environment: EPOCHS (default 200, the README's), DATA (default $QUANTLAB_DATA, else ./data),
 # IMAGENET_WEIGHTS (dann_office: torchvision's resnet50-0676ba61.pth; without it the backbone starts from
 # scratch only if NO_PRETRAINED=1), RESUME=1 (continue the latest run; otherwise a new run in runs/alignq/, the earlier one stays), ITERS (iterations per epoch, smoke runs only), PYTHON.
 set -euo pipefail
@@ -12,9 +12,7 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 EXP=${1:-resnet-20-cifar-10}
 EPOCHS=${EPOCHS:-200}
-if [ -z "${DATA:-}" ]; then
-    if [ -d ../shared/data ]; then DATA=../shared/data; else DATA=./data; fi
-fi
+DATA=${DATA:-${QUANTLAB_DATA:-./data}}
 DATA=$(cd "$DATA" 2>/dev/null && pwd || echo "$DATA")
 EXTRA=(--num_epochs "$EPOCHS" --bitW 32 --abitW 32)
 [ -n "${ITERS:-}" ] && EXTRA+=(--max_iters "$ITERS")

@@ -4,8 +4,8 @@
 #      command with --bitW 32 --abitW 32, which saves the best model to <OUT>/pretrained/res20_32bit/model_best.pt;
 #   2. the README's 8-bit CDF-aligned ResNet-20 command verbatim (paths aside), starting from that model;
 #   3. published vs measured (python -m common.compare alignq: no published rows, so "measured only").
-# Environment: EPOCHS (per stage, default 200 as the README), DATA (default ../shared/data if present, else
-# ./data; CIFAR-10 in DATA/cifar10 or DATA), OUT (default alignq/cdf_alignment/resnet-20-cifar-10/experiment/
+# Environment: EPOCHS (per stage, default 200 as the README), DATA (default $QUANTLAB_DATA, else ./data;
+# CIFAR-10 in DATA/cifar10 or DATA), OUT (default alignq/cdf_alignment/resnet-20-cifar-10/experiment/
 # reproduce), ITERS (iterations per epoch, smoke runs only), PYTHON, RESUME=1 (continue interrupted stages;
 # otherwise a new run; its predecessors stay in runs/alignq/), ALIGNQ_THREADS=N (torch CPU threads).
 # A run with EPOCHS < 200 or ITERS is recorded with a shortened recipe: compare never shows it as a reproduction.
@@ -15,9 +15,7 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 if [ -n "${ALIGNQ_THREADS:-}" ]; then export OMP_NUM_THREADS=$ALIGNQ_THREADS MKL_NUM_THREADS=$ALIGNQ_THREADS; fi
 EPOCHS=${EPOCHS:-200}
-if [ -z "${DATA:-}" ]; then
-    if [ -d ../shared/data ]; then DATA=../shared/data; else DATA=./data; fi
-fi
+DATA=${DATA:-${QUANTLAB_DATA:-./data}}
 abspath() { if [ -e "$1" ]; then (cd "$1" && pwd); else echo "$1"; fi; }
 DATA=$(abspath "$DATA")
 if [ -d "$DATA/cifar10" ]; then CIFAR=$DATA/cifar10; else CIFAR=$DATA; fi

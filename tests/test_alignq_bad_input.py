@@ -23,8 +23,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("flags", CASES, ids=[" ".join(c) for c in CASES])
-def test_bad_flag_one_line_exit_2(flags, tmp_path):
+def quantized_source(tmp_path):
+    """An 8-bit ResNet-20 checkpoint (as an 8-bit run writes it) named as the FP32 source model."""
+    from alignq import engine
+    from alignq.options import parse_args
+    from common.checkpoint import save_checkpoint
+    args = parse_args(["--bitW", "8", "--abitW", "8"], "resnet-20-cifar-10")
+    save_checkpoint(engine.state_of(engine.build_model(args), args, 1, 10.0, None, None),
+                    str(tmp_path / "q8" / "model_best.pt"))
+    return ["--source_dir", str(tmp_path / "q8"), "--source_file", "model_best.pt", "--bitW", "8", "--abitW", "8"]
+
+
+# (flags, or a function writing the files it needs and returning the flags; the stderr line must name `expect`)
+SETUPS = [(quantized_source, "not an FP32 model")]
+
+
+@pytest.mark.parametrize("flags,expect", [(c, None) for c in CASES] + SETUPS,
+                         ids=[" ".join(c) for c in CASES] + [f.__name__ for f, _ in SETUPS])
+def test_bad_flag_one_line_exit_2(flags, expect, tmp_path):
+    if callable(flags):
+        flags = flags(tmp_path)
+    before = sorted(str(x.relative_to(tmp_path)) for x in tmp_path.rglob("*"))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(MAIN), "--job_dir", str(tmp_path / "out"),
                         "--data_dir", str(tmp_path / "nodata")] + flags,
@@ -32,4 +51,6 @@ def test_bad_flag_one_line_exit_2(flags, tmp_path):
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2, p.stderr
     assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert sorted(x.name for x in tmp_path.iterdir()) == [], "nothing may be written"
+    assert expect is None or expect in err[0], err
+    after = sorted(str(x.relative_to(tmp_path)) for x in tmp_path.rglob("*"))
+    assert after == before, "nothing may be written"

@@ -3,6 +3,7 @@ the original's SGD with its aliased momentum buffer, the original's CDF expressi
 quantizer paths, and the ADMM loss summed over a network in the original's order."""
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -160,3 +161,98 @@ def test_admm_loss_sums_in_the_originals_order():
         if isinstance(q, ActQuant):
             flat = flat + q.loss
     assert flat.item() == 1.0                      # the grouping is what the test pins
+
+
+# ---- the Office DANN/DSAN loops: the original's SGD over three parameter groups, its idx read per group
+
+OFFICE_NAMES = {   # a miniature of the Office models' parameter names, in their registration order
+    "dann_office": ["feature.conv1.weight", "feature.bn1.weight", "feature.layer1.0.conv1.weight",
+                    "feature.layer1.0.downsample.0.weight", "feature.layer1.0.downsample.1.weight",
+                    "feature.layer1.0.act_q3.admm.alterD", "class_classifier.c_fc3.weight",
+                    "class_classifier.c_fc3.bias", "domain_classifier.d_fc2.weight", "domain_classifier.d_fc2.bias"],
+    "dsan_office": ["feature.conv1.weight", "feature.bn1.weight", "feature.layer1.0.conv1.weight",
+                    "feature.layer1.0.downsample.0.weight", "feature.layer1.0.downsample.1.weight",
+                    "bottle.weight", "bottle.bias", "cls_fc.weight", "cls_fc.bias"],
+}
+OFFICE_MOMENTUM = {"feature.layer1.0.conv1.weight", "feature.layer1.0.downsample.0.weight"}   # the original's idx
+
+
+def office_model(names):
+    root = nn.Module()
+    for name in names:
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(leaf, nn.Parameter(torch.tensor([P0])))
+    return root
+
+
+def office_run(experiment, flags, steps=4, base_lr=1.25):
+    """`steps` steps of the loop's optimizer (lr 1.25: heads 1.25, feature 1.25 / 10 = 0.125, both exact) on
+    the loss G * sum(p), every parameter's values after each step."""
+    from alignq import engine
+    from alignq.options import parse_args
+    args = parse_args(["--momentum", str(M), "--weight_decay", str(WD)] + flags, experiment)
+    model = office_model(OFFICE_NAMES[experiment])
+    opt = engine.make_optimizer(model, args, base_lr, set())
+    values = {n: [p.item()] for n, p in model.named_parameters()}
+    for _ in range(steps):
+        opt.zero_grad()
+        (G * sum(p.sum() for p in model.parameters())).backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            values[n].append(p.item())
+    return opt, values
+
+
+def expected_lr(steps, aliased, lr):
+    p, buf, out = P0, None, [P0]
+    for _ in range(steps):
+        d = G + WD * p
+        buf = d if buf is None else (M * d + M * d if aliased else M * buf + d)
+        p = p - lr * buf
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("experiment", ["dann_office", "dsan_office"])
+def test_office_loops_use_the_originals_sgd(experiment):
+    """W8 `--method ours`: every parameter outside the original's idx (the first conv, BN, Z/Gamma, the heads)
+    moves from step 2 on by 2 m lr (g + wd p), no momentum; the quantized conv weights, the shortcut's
+    (`downsample.0`) included, by momentum SGD. `--standard_sgd`: momentum SGD everywhere."""
+    for flags, standard in (([], False), (["--standard_sgd"], True)):
+        _, got = office_run(experiment, ["--bitW", "8", "--abitW", "8"] + flags)
+        for name, vals in got.items():
+            lr = 0.125 if name.startswith("feature.") else 1.25
+            assert vals == expected_lr(4, not standard and name not in OFFICE_MOMENTUM, lr), (flags, name)
+
+
+@pytest.mark.parametrize("experiment,flags", [
+    ("dann_office", ["--bitW", "32", "--abitW", "32"]),       # FP32 pretraining (the original crashes there)
+    ("dann_office", ["--method", "dorefa", "--bitW", "4"]),
+    ("dsan_office", ["--bitW", "32", "--abitW", "32"]),
+    ("dsan_office", ["--method", "lsq", "--bitW", "4"]),
+])
+def test_office_loops_keep_torch_sgd_where_the_original_does(experiment, flags):
+    opt, got = office_run(experiment, flags)
+    assert type(opt) is torch.optim.SGD
+    assert got["feature.bn1.weight"] == expected_lr(4, False, 0.125)
+
+
+def test_office_idx_on_resnet50():
+    """On the real ResNet-50 DANN: idx = every convolution weight of the feature extractor (52 of ResNet-50's 53,
+    the 4 shortcut convolutions included) but the first, and no head parameter."""
+    from alignq import engine
+    from alignq.options import parse_args
+    model = engine.build_model(parse_args(["--bitW", "8", "--abitW", "8", "--no-pretrained"], "dann_office"))
+    names = [n for n, _ in model.named_parameters()]
+    idx = quantized_indices(names, downsample=True)
+    convs = [n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 53 and [names[i] for i in idx] == convs[1:]
+    n_feature = len(list(model.feature.parameters()))
+    assert names[:n_feature] == [n for n in names if n.startswith("feature.")]   # group 0 positions = global ones
+    assert max(len(list(model.class_classifier.parameters())), len(list(model.domain_classifier.parameters()))) \
+        <= min(idx)

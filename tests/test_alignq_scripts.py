@@ -57,6 +57,17 @@ def test_per_experiment_defaults_and_bool_flags():
     assert (d.bottle_neck, d.param, d.data_dir) == (False, 0.5, "/x")
 
 
+@pytest.mark.parametrize("experiment", ["resnet-20-cifar-10", "dann_office", "dann_digit"])
+def test_data_dir_default_is_the_project_data_root(monkeypatch, experiment):
+    """$QUANTLAB_DATA, else ./data (common.data.data_root); no fallback to ../shared/data."""
+    from alignq.data import default_data_dir
+    monkeypatch.delenv("QUANTLAB_DATA", raising=False)
+    assert parse_args([], experiment).data_dir == "./data" == default_data_dir()
+    monkeypatch.setenv("QUANTLAB_DATA", "/somewhere/data")
+    assert parse_args([], experiment).data_dir == "/somewhere/data" == default_data_dir()
+    assert parse_args(["--data_dir", "/x"], experiment).data_dir == "/x"
+
+
 @pytest.mark.parametrize("flags", [["--bitW", "0"], ["--bitW", "33"], ["--abitW", "abc"], ["--lr_decay_steps", "[x]"]])
 def test_bad_flags_are_one_line_user_errors(flags):
     with pytest.raises(UserError) as e:

@@ -57,6 +57,24 @@ def test_start_lines_and_evaluation_records_carry_device_and_seed(tmp_path, caps
     assert (test["split"], test["n_samples"]) == ("test[:20]", 20) and test["recipe"]["full"] is False
 
 
+def test_tensorboard_tags_and_epoch_lines(tmp_path, monkeypatch):
+    """The project's tag scheme at step = the 1-based epoch just finished; log lines count epochs from 1."""
+    from common.runlog import RunLog
+    data = make_cifar(tmp_path / "data")
+    scalars, lines = [], []
+    monkeypatch.setattr(RunLog, "scalar", lambda self, tag, v, step: scalars.append((tag, step)))
+    info = RunLog.info
+    monkeypatch.setattr(RunLog, "info", lambda self, msg, *a, **k: lines.append(msg) or info(self, msg, *a, **k))
+    argv = ["--data_dir", str(data), "--job_dir", str(tmp_path / "job"), "--bitW", "4", "--abitW", "4",
+            "--no-pretrained", "--num_epochs", "2", "--train_batch_size", "40", "--eval_batch_size", "10",
+            "--workers", "0", "--seed", "0", "--print_freq", "1"]
+    engine.run(argv, "resnet-20-cifar-10")
+    tags = ["train/loss", "train/top1", "val/top1", "val/top5", "train/lr"]
+    assert scalars == [(t, e) for e in (1, 2) for t in tags]
+    assert any("epochs 1-2;" in m for m in lines) and any(m.startswith("epoch 2/2: lr") for m in lines)
+    assert any(m.startswith("epoch 1/2 (1/2): Train_loss") for m in lines)
+
+
 # ------------------------------------------------------------------------------------------------ run layout
 
 
@@ -195,3 +213,95 @@ def test_resume_refuses_changed_optimisation_flags_and_refine(tmp_path):
     assert sorted(os.listdir(run_dirs()[0])) == before and len(run_dirs()) == 1
     with pytest.raises(UserError, match="--resume .* and --refine .* contradict"):
         engine.run(argv + ["--resume", last, "--refine", last], "resnet-20-cifar-10")
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor (and number) of a checkpoint subtree by its path: model, optimizer state (momentum buffers
+    and OriginalSGD's aliasing flags), RNG."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_tensors(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_tensors(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: obj}
+
+
+def _same(a, b):
+    """Paths whose values differ between two checkpoints (torch.equal for tensors: bit for bit)."""
+    ta, tb = _tensors({k: a[k] for k in ("state_dict_t", "optimizer_t", "rng", "epoch", "best_prec1")}), \
+        _tensors({k: b[k] for k in ("state_dict_t", "optimizer_t", "rng", "epoch", "best_prec1")})
+    assert ta.keys() == tb.keys()
+    def eq(x, y):              # the RNG's "no cached gauss" is NaN, equal to itself here
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        return x == y or (x != x and y != y)
+    return [k for k in ta if not eq(ta[k], tb[k])]
+
+
+def _interrupted_then_resumed(tmp_path, monkeypatch, base, experiment, admm, after, where):
+    """The uninterrupted run ("whole"), then one stopped after `after` computed batches ("cut") and resumed:
+    both final checkpoints and test-accuracy records."""
+    from common import interrupt as intr
+    monkeypatch.setattr(intr, "requested", lambda: None)
+    engine.run(base + ["--job_dir", str(tmp_path / "whole")], experiment, admm=admm)
+    pending = iter([None] * (after - 1) + [2])
+    monkeypatch.setattr(intr, "requested", lambda: next(pending, None))
+    with pytest.raises(intr.Interrupted, match=where):
+        engine.run(base + ["--job_dir", str(tmp_path / "cut")], experiment, admm=admm)
+    last = str(tmp_path / "cut" / "checkpoint" / "model_last.pt")
+    mid = torch.load(last, weights_only=True)
+    assert mid["mid_epoch"]["batch"] > 0
+    monkeypatch.setattr(intr, "requested", lambda: None)
+    engine.run(base + ["--job_dir", str(tmp_path / "cut"), "--resume", last], experiment, admm=admm)
+    with open(tmp_path / "cut" / "log.txt") as f:
+        assert f"after batch {mid['mid_epoch']['batch']}" in f.read()
+    a = torch.load(tmp_path / "whole" / "checkpoint" / "model_last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+
+    def summary(job):           # the last epoch's line: train loss/top1 from the epoch's (restored) partial sums
+        with open(tmp_path / job / "log.txt") as f:
+            line = [ln for ln in f if "train loss" in ln][-1]
+        return line[line.index("train loss"):line.index(" (")]
+    assert summary("whole") == summary("cut")
+    return a, b, [(r["value"], r["extra"]["last_epoch_top1"]) for r in records()]
+
+
+@pytest.mark.parametrize("after, where", [(14, "epoch 2/2 batch 4"), (3, "epoch 1/2 batch 3")])
+def test_cls_resume_mid_epoch_is_exact(tmp_path, monkeypatch, after, where):
+    """ResNet-20 W4A4 with ADMM (cdf_alignment_admm/, Z/Gamma updated every step), 10 batches an epoch: killed
+    after a batch of epoch 2 (or 1) and resumed, it ends with every tensor of the uninterrupted run, bit for bit:
+    model with Z/Gamma, OriginalSGD's momentum buffers, RNG; the accuracy records agree too. The checkpoint holds
+    the RNG as the epoch began (same order and flips), the batches done (drawn again, not computed) and the
+    epoch's partial sums."""
+    make_cifar(tmp_path / "data")
+    base = ["--data_dir", str(tmp_path / "data"), "--bitW", "4", "--abitW", "4", "--no-pretrained",
+            "--num_epochs", "2", "--train_batch_size", "8", "--eval_batch_size", "10", "--workers", "0",
+            "--seed", "1", "--print_freq", "100"]
+    a, b, recs = _interrupted_then_resumed(tmp_path, monkeypatch, base, "resnet-20-cifar-10", True, after, where)
+    assert a["epoch"] == b["epoch"] == 2 and "mid_epoch" not in b
+    assert any(k.endswith("alterD") for k in a["state_dict_t"]) and a["optimizer_t"]["state"]
+    assert all(torch.isfinite(v).all() for v in a["state_dict_t"].values())    # NaN != NaN would hide nothing
+    assert _same(a, b) == []
+    whole, cut = recs
+    assert whole == cut
+
+
+def test_office_dann_resume_mid_epoch_is_exact(tmp_path, monkeypatch):
+    """Office DANN + ADMM (the optimizer rebuilt every epoch, its state saved with the interrupted epoch), 2 steps
+    an epoch: killed after step 1 of epoch 2 and resumed, bit for bit as the uninterrupted run."""
+    from test_alignq_domain import make_office
+    make_office(tmp_path / "data", domains=("dslr", "webcam"))
+    base = ["--data_dir", str(tmp_path / "data"), "--bitW", "8", "--abitW", "8", "--no-pretrained",
+            "--num_epochs", "2", "--max_iters", "2", "--train_batch_size", "4", "--eval_batch_size", "8",
+            "--img_size", "32", "--workers", "0", "--seed", "1", "--src_data", "dslr", "--tgt_data", "webcam"]
+    a, b, recs = _interrupted_then_resumed(tmp_path, monkeypatch, base, "dann_office", True, 3, "epoch 2/2 batch 1")
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in a["state_dict_t"].values())    # NaN != NaN would hide nothing
+    assert _same(a, b) == []
+    whole, cut = recs
+    assert whole == cut

@@ -16,6 +16,10 @@ Patches to the original (asserted string replacements, tests/originals/orig.py):
               ADMM directories; this project's documented choice, alignq/DEVIATIONS.md).
   torch 1.x   `zero_grad()` -> `zero_grad(set_to_none=False)` (torch < 2.0 zeroed gradients in place; that
               is what makes the original's SGD drop the momentum of its non-quantized parameters).
+
+The Office DANN/DSAN loops' optimizer is compared on its own (test_office_sgd_bitwise): the original's
+`cdf_alignment_admm/{dann,dsan}_office/utils/optimizer.py` SGD over its three parameter groups, with the idx its
+`train()` builds, against this project's make_optimizer, on a miniature of the Office models' parameter names.
 """
 import importlib.util
 import os
@@ -125,7 +129,7 @@ def project_run(model, batches, extra=()):
     args = parse_args(["--experiment", "resnet-20-cifar-10", "--admm", "True", "--print_freq", "100000"]
                       + FLAGS + list(extra))
     opt = engine.make_optimizer(model, args, args.lr, engine.admm_param_names(model))
-    _, _, history = engine.train_cls(model, batches, opt, args, torch.device("cpu"), 0, NullLog())
+    _, _, history, _ = engine.train_cls(model, batches, opt, args, torch.device("cpu"), 0, NullLog())
     return history
 
 
@@ -227,3 +231,55 @@ def test_mutation_is_detected(monkeypatch, name, extra, mutate):
     print(f"\nmutation {name!r}: first differing loss at iteration {first}; "
           f"{len(orig.params_equal({k: sd[k] for k in mine_sd}, mine_sd))} state entries differ after {STEPS}")
     assert first is not None
+
+
+def load_office_optimizer(experiment):
+    root = orig.checkout("AlignQ") + f"/cdf_alignment_admm/{experiment}"
+    saved, finder = sys.argv, orig._Finder
+    sys.argv, orig._Finder = ["main.py", "--bitW", "8", "--abitW", "8"], _NamespaceFinder
+    try:
+        return orig.load(root, "utils.optimizer", extra_top=("model", "utils"))
+    finally:
+        sys.argv, orig._Finder = saved, finder
+
+
+@pytest.mark.parametrize("experiment", ["dann_office", "dsan_office"])
+@pytest.mark.parametrize("extra", [[], ["--standard_sgd"]])
+def test_office_sgd_bitwise(experiment, extra):
+    """20 steps of the Office SGD (momentum 0.9, weight decay 5e-4, feature lr LR/10) on a loss with
+    parameter-dependent gradients: the default equals the original bit for bit; --standard_sgd departs."""
+    from alignq import engine
+    from alignq.options import parse_args
+    from tests.test_alignq_faithful import OFFICE_NAMES, office_model
+    optim = load_office_optimizer(experiment)
+    args = parse_args(["--bitW", "8", "--abitW", "8"] + extra, experiment)
+    g = torch.Generator().manual_seed(0)
+    ref, mine = office_model(OFFICE_NAMES[experiment]), office_model(OFFICE_NAMES[experiment])
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    mine.load_state_dict(ref.state_dict())
+    heads = ("class_classifier", "domain_classifier") if experiment == "dann_office" else ("bottle", "cls_fc")
+    lr = engine.dann_lr(args, 3)
+    heads_params = [[p for n, p in ref.named_parameters() if n.startswith(h + ".")] for h in heads]
+    opt_ref = optim.SGD([{"params": [p for n, p in ref.named_parameters() if n.startswith("feature.")]}]
+                        + [{"params": ps, "lr": lr} for ps in heads_params],
+                        lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay)
+    names = [n for n, _ in ref.named_parameters()]
+    idx = [j for j, n in enumerate(names) if ("conv" in n or "downsample.0" in n) and "weight" in n][1:]
+    opt_mine = engine.make_optimizer(mine, args, lr, set())
+    coef = torch.randn(len(names), generator=g)
+
+    def loss(model):
+        return sum(c * (p * p * p).sum() for c, p in zip(coef, model.parameters()))
+    differ = False
+    for _ in range(20):
+        opt_ref.zero_grad(set_to_none=False)          # torch 1.x: in place
+        loss(ref).backward()
+        w = [p.detach() for j, p in enumerate(ref.parameters()) if j in idx]
+        opt_ref.step(idx, w, w, args.lam, args.lam2)
+        opt_mine.zero_grad()
+        loss(mine).backward()
+        opt_mine.step()
+        differ = differ or orig.params_equal(ref.state_dict(), mine.state_dict()) != []
+    assert differ == bool(extra)
