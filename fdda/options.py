@@ -98,6 +98,10 @@ class Option:
         sources["dataPath"] = f"default (${cdata.DATA_ENV}, else ./data)"
         if conf_path is not None:
             for k, v in parse_hocon(conf_path).items():
+                if k == "dataPath" and v == DEFAULTS["dataPath"]:
+                    # the original's placeholder, not a path anyone has: the data root rule applies instead
+                    sources[k] = f"{sources[k]}; {conf_path} holds the placeholder {v}"
+                    continue
                 values[k], sources[k] = _coerce(k, v, conf_path), conf_path
         if env.get(DATA_ENV):
             values["dataPath"], sources["dataPath"] = env[DATA_ENV], f"environment {DATA_ENV}"

@@ -529,7 +529,9 @@ def test_one_epoch_updates_generator_and_student_and_bns_loss():
 # ----------------------------------------------------------------------------------------------- options
 
 def test_hocon_defaults_equal_shipped_file():
-    assert Option.from_args(CONF, env={}).as_dict() == DEFAULTS
+    # every value as the file has it, but its placeholder dataPath, which gives way to the data root rule
+    assert Option.from_args(CONF, env={}).as_dict() == dict(DEFAULTS, dataPath="./data")
+    assert 'dataPath = "%s"' % DEFAULTS["dataPath"] in open(CONF).read()
     text = open(CONF).read()
     for key in DEFAULTS:                               # every key is in the file, with a comment
         line = next(l for l in text.splitlines() if l.split("=")[0].strip() == key)
@@ -542,6 +544,9 @@ def test_hocon_overrides_and_env(tmp_path):
     assert (opt.qw, opt.qa, opt.step_G, opt.use_FDDA, opt.lr_S) == (5, 5, [10, 20], False, 1e-5)
     assert opt.dataPath == "/data/in" and opt.sources["dataPath"] == "environment FDDA_DATA"
     assert Option.from_args(CONF, {"dataPath": "/x"}, env={"FDDA_DATA": "/data/in"}).dataPath == "/x"
+    # the shipped file's placeholder (the original's /path/to/ILSVRC2012/) is no path: the data root rule applies
+    assert Option.from_args(CONF, env={"QUANTLAB_DATA": "/q"}).dataPath == "/q"
+    assert Option.from_args(CONF, env={}).dataPath == "./data"
     f = tmp_path / "c.hocon"
     f.write_text('include "missing.conf"\nqw = 5\nqa = 6\ndataPath = "/d"\n')
     opt = Option.from_args(str(f), env={})

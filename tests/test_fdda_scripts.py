@@ -266,7 +266,7 @@ def test_bad_inputs_one_line(data, tmp_path, monkeypatch, capsys):
         (main_cosine_CBNS.main, ["main_cosine_CBNS.py", "--conf_path", "nope.hocon", "--model_name", "resnet18"],
          "config file not found"),
         (main_cosine_CBNS.main, main[:4] + ["--model_name", "resnet18"],
-         "ImageNet not found under /path/to/ILSVRC2012"),
+         "ImageNet not found under ./data"),
         (fdda_test.main, ["test.py", "--conf_path", CONF, "--model_name", "resnet18", "--dataPath", data,
                           "--model_path", "missing.pth"], "student model not found: missing.pth"),
     ]
