@@ -7,7 +7,10 @@ import torch
 
 from common.data import mnist
 from common.errors import run_main
-from train import TensorLoader, alq_argparser, pretrain, run_pipeline, split_indices
+from distributed import TensorLoader
+from options import alq_argparser
+from stages import pretrain, run_pipeline
+from train import split_indices
 
 DEFAULTS = dict(val_size=10000, model_ori="./lenet5_model_ori.pth", model="./lenet5_model.pth", lr=1e-3, R=4,
                 epoch_basis=20, epoch_coord=10, ld_coord=0.8, pr=0.8, top_k=0.005,
@@ -61,13 +64,13 @@ def make_loaders(args):
     return train, val, test
 
 
-def pretrain_recipe(st):
+def pretrain_recipe(ctx):
     """SGD lr 5e-2 momentum 0.5, lr *= 0.2 at epochs 0, 30, 60, 90; the best-validation model is kept."""
     def lr_schedule(optimizer, epoch):
         if epoch % 30 == 0:
             optimizer.param_groups[0]["lr"] *= 0.2
-    return pretrain(st, lambda net: torch.optim.SGD(net.parameters(), lr=5e-2, momentum=0.5), lr_schedule,
-                    st.args.pretrain_epochs)
+    return pretrain(ctx, lambda net: torch.optim.SGD(net.parameters(), lr=5e-2, momentum=0.5), lr_schedule,
+                    ctx.args.pretrain_epochs)
 
 
 def get_parser():

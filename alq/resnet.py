@@ -19,7 +19,10 @@ from common.checkpoint import load_checkpoint, strip_module_prefix
 from common.data import imagenet
 from common.errors import UserError, run_main
 from common.results import recipe_info
-from train import alq_argparser, load_net_state, pretrain, run_pipeline, save_model_ori, split_indices
+from checkpoints import load_net_state, save_model_ori
+from options import alq_argparser
+from stages import pretrain, run_pipeline
+from train import split_indices
 
 DEFAULTS = dict(val_size=50000, model_ori="./resnet_model_ori.pth", model="./resnet_model.pth", lr=2e-4, R=5,
                 epoch_basis=10, epoch_coord=5, ld_coord=0.6, pr=0.15, top_k=0.0005, batch_size=256, workers=16,
@@ -85,17 +88,17 @@ def download_weights(url):
 
 
 def make_pretrain_recipe(args):
-    def run(st):
+    def run(ctx):
         if args.DOWNLOAD:
-            net = st.build_net().to(st.device)
-            weights = st.dist.main_first(lambda: download_weights(args.model_ori_urls))   # one download
+            net = ctx.build_net().to(ctx.device)
+            weights = ctx.dist.main_first(lambda: download_weights(args.model_ori_urls))   # one download
             load_net_state(net, {"net_state_dict": weights}, args.model_ori_urls, "--model_ori_urls")
-            st.evaluate(net, "val")
-            st.evaluate(net, "test")
+            ctx.evaluate(net, "val")
+            ctx.evaluate(net, "test")
             optimizer = torch.optim.SGD(net.parameters(), lr=0.4, nesterov=True, momentum=0.9, weight_decay=1e-4)
-            ident = st.ident("PRETRAIN", recipe_info(note="torchvision's pretrained weights (--DOWNLOAD), as the "
-                                                          "README's commands"))
-            if st.dist.main:
+            ident = ctx.ident("PRETRAIN", recipe_info(note="torchvision's pretrained weights (--DOWNLOAD), as the "
+                                                           "README's commands"))
+            if ctx.dist.main:
                 save_model_ori(args.model_ori, net, optimizer, finished=True, quantlab=dict(ident, finished=True))
             return
         # from scratch, following https://openreview.net/pdf?id=S1gSj0NKvB as the original does
@@ -105,8 +108,8 @@ def make_pretrain_recipe(args):
                 optimizer.param_groups[0]["lr"] = 0.4 * (epoch + 1) / 5
             if epoch in (30, 60, 80):
                 optimizer.param_groups[0]["lr"] *= 0.1
-        return pretrain(st, lambda net: torch.optim.SGD(net.parameters(), lr=0.4, nesterov=True, momentum=0.9,
-                                                        weight_decay=1e-4), lr_schedule, args.pretrain_epochs)
+        return pretrain(ctx, lambda net: torch.optim.SGD(net.parameters(), lr=0.4, nesterov=True, momentum=0.9,
+                                                         weight_decay=1e-4), lr_schedule, args.pretrain_epochs)
     return run
 
 

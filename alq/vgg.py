@@ -8,7 +8,9 @@ from torchvision import transforms
 
 from common.data import cifar10
 from common.errors import run_main
-from train import alq_argparser, pretrain, run_pipeline, split_indices
+from options import alq_argparser
+from stages import pretrain, run_pipeline
+from train import split_indices
 
 DEFAULTS = dict(val_size=5000, model_ori="./vgg_small_model_ori.pth", model="./vgg_small_model.pth", lr=1e-3, R=5,
                 epoch_basis=20, epoch_coord=10, ld_coord=0.8, pr=0.4, top_k=0.002,
@@ -64,13 +66,13 @@ def make_loaders(args):
             DataLoader(test_set, shuffle=False, **kw))
 
 
-def pretrain_recipe(st):
+def pretrain_recipe(ctx):
     """Adam lr 5e-2, lr *= 0.2 at epochs 0, 30, 60, 90; the best-validation model is kept."""
     def lr_schedule(optimizer, epoch):
         if epoch % 30 == 0:
             optimizer.param_groups[0]["lr"] *= 0.2
-    return pretrain(st, lambda net: torch.optim.Adam(net.parameters(), lr=5e-2), lr_schedule,
-                    st.args.pretrain_epochs)
+    return pretrain(ctx, lambda net: torch.optim.Adam(net.parameters(), lr=5e-2), lr_schedule,
+                    ctx.args.pretrain_epochs)
 
 
 def get_parser():

@@ -5,7 +5,8 @@ import os
 import sys
 
 ALQ_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alq")
-NAMES = ("legacy_sort", "binarynet", "myoptimizer", "pack", "train", "lenet5", "vgg", "resnet")
+NAMES = ("legacy_sort", "binarynet", "myoptimizer", "pack", "distributed", "options", "checkpoints", "train",
+         "stages", "lenet5", "vgg", "resnet")
 
 
 def load():

@@ -86,6 +86,7 @@ def rank_main(argv):
     update (a batch of the ALQ stage); ALQ_TEST_NORM=batch uses BatchNorm."""
     sys.path.insert(0, ALQ)
     import resnet
+    import stages
     import train
     from common.errors import run_main
     rank = int(os.environ["RANK"])
@@ -99,7 +100,7 @@ def rank_main(argv):
                            os.path.join(dump, f"rank{rank}-{stage}.pt"))
                 return net, params_bin
             return run
-        train.alq, train.posttrain = dumped("ALQ", train.alq), dumped("POSTTRAIN", train.posttrain)
+        stages.alq, stages.posttrain = dumped("ALQ", stages.alq), dumped("POSTTRAIN", stages.posttrain)
     stop = int(os.environ.get("ALQ_TEST_STOP", "0"))
     if stop and rank == 0:
         make_step, calls = train._alq_step, [0]
@@ -263,8 +264,8 @@ def test_resume_under_another_number_of_processes_is_refused(tmp_path):
     ck = {"batch": 2, "world": 2}
     with pytest.raises(A.train.UserError, match=r"stopped inside an epoch of a run with 2 process\(es\), this one has "
                                                 r"1; resume it with torchrun --nproc_per_node=2"):
-        A.train.check_resume_world(ck, A.train.Dist(), tmp_path / "q.resume.pth")
-    A.train.check_resume_world({"world": 2}, A.train.Dist(), "x")     # after a whole epoch: any number
+        A.checkpoints.check_resume_world(ck, A.distributed.Dist(), tmp_path / "q.resume.pth")
+    A.checkpoints.check_resume_world({"world": 2}, A.distributed.Dist(), "x")     # after a whole epoch: any number
 
 
 def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch):
@@ -276,7 +277,7 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
-class Loopback(A.train.Dist):
+class Loopback(A.distributed.Dist):
     """One process playing rank `rank` of `world` without a process group: collectives see only this process
     (rank 0's data is this process's, or `rank0(t)`)."""
 
@@ -300,16 +301,16 @@ def test_the_processes_shares_make_up_the_single_process_batches():
         train, test = [], []
         for rank in range(world):
             torch.manual_seed(5)                  # every process at the same point of the same stream
-            sampler = A.train.ShardSampler(n, Loopback(rank, world), shuffle=True)
+            sampler = A.distributed.ShardSampler(n, Loopback(rank, world), shuffle=True)
             train.append([b.tolist() for b in DataLoader(range(n), batch_size=batch // world, sampler=sampler)])
-            test.append(list(A.train.ShardSampler(n, Loopback(rank, world), shuffle=False)))
+            test.append(list(A.distributed.ShardSampler(n, Loopback(rank, world), shuffle=False)))
         assert all(len(t) == len(single) for t in train)          # the same number of steps in every process
         for t, want in enumerate(single):
             got = sorted(i for share in train for i in share[t])
             pad = single[0][:(world - n % world) % world] if t == len(single) - 1 else []
             assert got == sorted(want + pad), (world, t)          # the last batch padded as DistributedSampler
         assert sorted(i for share in test for i in share) == list(range(n))      # evaluation: each image once
-    loader = A.train.TensorLoader(torch.arange(n), torch.arange(n), batch, shuffle=True)   # lenet5's loader
+    loader = A.distributed.TensorLoader(torch.arange(n), torch.arange(n), batch, shuffle=True)   # lenet5's loader
     torch.manual_seed(5)
     whole = [x.tolist() for x, _ in loader]
     loader.dist = Loopback(1, 2)

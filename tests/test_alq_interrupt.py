@@ -45,12 +45,12 @@ def data(tmp_path_factory):
 def run(d, data, monkeypatch, *extra):
     """The whole pipeline in directory d; PRETRAIN's and POSTTRAIN's last per-epoch state is kept as <file>.last
     (their outputs are the best-validation models, the ALQ output is its last state)."""
-    finish = A.train.mark_finished
+    finish = A.stages.mark_finished
 
     def keep_last(path):
-        shutil.copy(A.train.resume_path(path), str(path) + ".last")
+        shutil.copy(A.checkpoints.resume_path(path), str(path) + ".last")
         finish(path)
-    monkeypatch.setattr(A.train, "mark_finished", keep_last)
+    monkeypatch.setattr(A.stages, "mark_finished", keep_last)
     try:
         A.lenet5.main(["--PRETRAIN", "--ALQ", "--POSTTRAIN", "--data", data, "--model_ori", str(d / "ori.pth"),
                        "--model", str(d / "q.pth"), "--log_dir", str(d / "log")] + FLAGS + list(extra))

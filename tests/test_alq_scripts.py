@@ -165,15 +165,15 @@ def test_killed_alq_stage_resumes_to_the_same_model(tiny_mnist, tmp_path, monkey
     full = str(tmp_path / "full.pth")
     A.lenet5.main(["--ALQ", "--model_ori", ori, "--model", full, "--log_dir", str(tmp_path / "l1")] + common)
     part = str(tmp_path / "part.pth")
-    orig = A.train.train_coordinate
+    orig = A.stages.train_coordinate
 
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(A.train, "train_coordinate", killed)
+    monkeypatch.setattr(A.stages, "train_coordinate", killed)
     with pytest.raises(KeyboardInterrupt):
         A.lenet5.main(["--ALQ", "--model_ori", ori, "--model", part, "--log_dir", str(tmp_path / "l2")] + common)
-    assert os.path.exists(A.train.resume_path(part))
-    monkeypatch.setattr(A.train, "train_coordinate", orig)
+    assert os.path.exists(A.checkpoints.resume_path(part))
+    monkeypatch.setattr(A.stages, "train_coordinate", orig)
     A.lenet5.main(["--ALQ", "--resume", "--model_ori", ori, "--model", part, "--log_dir", str(tmp_path / "l3")]
                   + common)
     a, b = torch.load(full, weights_only=True), torch.load(part, weights_only=True)
@@ -184,7 +184,7 @@ def test_killed_alq_stage_resumes_to_the_same_model(tiny_mnist, tmp_path, monkey
     for name, layer in a["parameters_w_bin"].items():
         for k in ("B", "alpha", "mask"):
             assert torch.equal(layer[k], b["parameters_w_bin"][name][k])
-    assert not os.path.exists(A.train.resume_path(part))
+    assert not os.path.exists(A.checkpoints.resume_path(part))
     # a finished stage is skipped by --resume
     A.lenet5.main(["--ALQ", "--resume", "--model_ori", ori, "--model", part, "--log_dir", str(tmp_path / "l3")]
                   + common)

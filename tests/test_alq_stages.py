@@ -27,9 +27,9 @@ def tensors(path):
 
 
 def test_stage_seed_depends_on_seed_and_stage_only():
-    seeds = {(s, st): A.train.stage_seed(s, st) for s in (1, 2) for st in A.train.STAGES}
+    seeds = {(s, st): A.stages.stage_seed(s, st) for s in (1, 2) for st in A.stages.STAGES}
     assert len(set(seeds.values())) == 6 and all(0 <= v < 2 ** 31 for v in seeds.values())
-    assert A.train.stage_seed(1, "ALQ") == A.train.stage_seed(1, "ALQ")
+    assert A.stages.stage_seed(1, "ALQ") == A.stages.stage_seed(1, "ALQ")
 
 
 def test_a_stage_gives_the_same_result_however_the_pipeline_is_split(env, tmp_path):
@@ -66,18 +66,18 @@ def test_resume_refuses_to_skip_a_stage_made_with_other_flags(env, tmp_path):
 def test_resume_refuses_to_continue_a_stage_under_other_flags(env, tmp_path, monkeypatch):
     d = files(tmp_path / "k")
     A.lenet5.main(["--PRETRAIN"] + d + env)
-    orig = A.train.train_coordinate
+    orig = A.stages.train_coordinate
 
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(A.train, "train_coordinate", killed)
+    monkeypatch.setattr(A.stages, "train_coordinate", killed)
     with pytest.raises(KeyboardInterrupt):
         A.lenet5.main(["--ALQ"] + d + env)
-    monkeypatch.setattr(A.train, "train_coordinate", orig)
+    monkeypatch.setattr(A.stages, "train_coordinate", orig)
     rp = tmp_path / "k" / "q.resume.pth"
     assert rp.exists()
     with pytest.raises(UserError, match=r"q.resume.pth \(ALQ\) was made with --top_k 0.05, but this command asks "
                                         r"for --top_k 0.1"):
         A.lenet5.main(["--ALQ", "--resume"] + d + env + ["--top_k", "0.1"])
     A.lenet5.main(["--ALQ", "--resume"] + d + env)                                  # same flags: continues
-    assert not rp.exists() and A.train.is_finished(tmp_path / "k" / "q.pth")
+    assert not rp.exists() and A.checkpoints.is_finished(tmp_path / "k" / "q.pth")

@@ -29,7 +29,7 @@ MAX_LINES = 500
 OVER_MAX_LINES = {"common/compare.py", "common/data.py"}
 
 # Being restructured elsewhere right now: the issue-number rule skips them until that work lands.
-ISSUE_NUMBER_SKIP = ("alq/train.py", "dambq/main_cifar10.py", "alignq/")
+ISSUE_NUMBER_SKIP = ()   # none: every comment names its reason
 
 
 def source_files(top, root=REPO_ROOT, exts=(".py",)):
@@ -249,8 +249,9 @@ def test_the_issue_number_check_sees_comments_and_docstrings(tmp_path):
                                             'y = "issues"  # 9 lives\n')
     (tmp_path / "fdda" / "r.sh").write_text("echo 1  # issue 14 item 2\n")
     (tmp_path / "alq" / "train.py").write_text("# issue 9\n")
-    assert issue_number_mentions(str(tmp_path)) == ["apot/a.py:2: 'Issue #13'", "apot/a.py:3: 'issue 9'",
-                                                    "fdda/r.sh:1: 'issue 14'"]
+    assert issue_number_mentions(str(tmp_path), skip=("alq/train.py",)) == [
+        "apot/a.py:2: 'Issue #13'", "apot/a.py:3: 'issue 9'", "fdda/r.sh:1: 'issue 14'"]
+    assert "alq/train.py:1: 'issue 9'" in issue_number_mentions(str(tmp_path))
 
 
 @pytest.mark.parametrize("top", SCANNED)

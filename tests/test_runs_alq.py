@@ -66,14 +66,14 @@ def test_stage_inputs_remember_the_model_ori_they_started_from(env, tmp_path, mo
     # measured problem 2: --resume after a new PRETRAIN resumed a stage built on the old model
     env = env + ["--model_ori", str(tmp_path / "ori.pth"), "--model", str(tmp_path / "q.pth")]
     A.lenet5.main(["--PRETRAIN"] + env)
-    orig = A.train.train_coordinate
+    orig = A.stages.train_coordinate
 
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(A.train, "train_coordinate", killed)
+    monkeypatch.setattr(A.stages, "train_coordinate", killed)
     with pytest.raises(KeyboardInterrupt, match="ALQ stopped; --resume continues it from its last finished epoch"):
         A.lenet5.main(["--ALQ"] + env)
-    monkeypatch.setattr(A.train, "train_coordinate", orig)
+    monkeypatch.setattr(A.stages, "train_coordinate", orig)
     assert os.path.exists(tmp_path / "q.resume.pth")
     A.lenet5.main(["--PRETRAIN", "--overwrite", "--seed", "2"] + env)   # a different model_ori
     with pytest.raises(UserError, match="ALQ resume file .* built from --model_ori with sha256 .* now has"):
