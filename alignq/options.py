@@ -10,7 +10,7 @@ import argparse
 import math
 import re
 
-from common.checks import check_range
+from common.checks import check_range, str2bool
 from common.data import data_root
 from common.errors import UserError
 
@@ -47,17 +47,6 @@ EXPERIMENTS = {
 # cdf_alignment_admm/ holds ADMM variants of these (same defaults, ADMM on)
 ADMM_EXPERIMENTS = ("resnet-20-cifar-10", "resnet-56-cifar-10", "dann_office", "dsan_office")
 METHODS = ("ours", "uniform", "dorefa", "llsq", "apot", "lsq", "bwn")
-
-
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("true", "t", "yes", "y", "1"):
-        return True
-    if s in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
 
 
 def bits(v):

@@ -86,11 +86,8 @@ def pretrain(ctx, make_optimizer, lr_schedule, epochs):
             s = train_fullprecision(fwd, ctx.train_loader, ctx.loss_func, optimizer, ctx.device,
                                     desc=f"pretrain {epoch + 1}/{epochs}", **ctx.train_kw(ctl))
             ctx.epoch_done(net, (), ctl.where)
-            log.info(f"pretrain {epoch_label(epoch, epochs)} lr {optimizer.param_groups[0]['lr']:.3g}: "
-                     f"train {ctx.fmt(s)} ({time.time() - t0:.0f}s; stage {eta.line(epoch + 1)})")
-            v = ctx.evaluate(net, "val")["top1"]
-            log.scalar("pretrain/train/loss", s["loss"], epoch + 1)
-            log.scalar("pretrain/val/top1", v, epoch + 1)
+            v = ctx.report_epoch(net, "pretrain", f"pretrain {epoch_label(epoch, epochs)}",
+                                 optimizer.param_groups[0]['lr'], s, time.time() - t0, eta.line(epoch + 1), epoch + 1)
             log.flush()
             if v > best_acc:
                 best_acc = v
@@ -133,6 +130,16 @@ def resume_stage(rpath, net, args, legacy_flip, stage, num_steps, log, dist=None
     return params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc
 
 
+def resume_checked(ctx, rpath, net, stage, sha_key, source, source_flag, n_steps, legacy_flip):
+    """A killed stage's resume file, checked against this run's flags and the input file the stage started from,
+    then restored: (checkpoint, the input's sha256, the identity, resume_stage's state)."""
+    rck = load_checkpoint(rpath, what=f"{stage} resume file")
+    check_stage_flags(rck, ctx.args, stage, rpath, ctx.log)
+    check_stage_input(rck, sha_key, source, source_flag, f"the {stage} resume file {rpath}")
+    sha, ident = rck.get(sha_key), rck.get(IDENTITY_KEY) or ctx.ident(stage, None)
+    return rck, sha, ident, resume_stage(rpath, net, ctx.args, legacy_flip, stage, n_steps, ctx.log, ctx.dist)
+
+
 def alq(ctx):
     """Init by structured sketching, then R rounds of basis / coordinate / pruning epochs; saves --model."""
     args, log, device, dist = ctx.args, ctx.log, ctx.device, ctx.dist
@@ -145,12 +152,9 @@ def alq(ctx):
     M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
     rck = None
     if args.resume and os.path.exists(rpath):
-        rck = load_checkpoint(rpath, what="ALQ resume file")
-        check_stage_flags(rck, args, "ALQ", rpath, log)
-        check_stage_input(rck, "model_ori_sha256", args.model_ori, "--model_ori", f"the ALQ resume file {rpath}")
-        ori_sha, ident = rck.get("model_ori_sha256"), rck.get(IDENTITY_KEY) or ctx.ident("ALQ", None)
-        params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
-            resume_stage(rpath, net, args, legacy_flip, "ALQ", len(sched), log, dist)
+        rck, ori_sha, ident, (params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc) = \
+            resume_checked(ctx, rpath, net, "ALQ", "model_ori_sha256", args.model_ori, "--model_ori", len(sched),
+                           legacy_flip)
     else:
         ck = load_checkpoint(args.model_ori, what="full-precision model", flag="--model_ori")
         ori = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
@@ -205,13 +209,9 @@ def alq(ctx):
                 s = prune(fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
                           device, **kw)
             ctx.epoch_done(net, params_bin, ctl.where)
-            log.info(f"ALQ r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)} "
-                     f"lr {optimizer_w.param_groups[0]['lr']:.3g}: train {ctx.fmt(s)} "
-                     f"({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
-            v = ctx.evaluate(net, "val")["top1"]
             step = i + 1
-            log.scalar("alq/train/loss", s["loss"], step)
-            log.scalar("alq/val/top1", v, step)
+            v = ctx.report_epoch(net, "alq", f"ALQ r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)}",
+                                 optimizer_w.param_groups[0]['lr'], s, time.time() - t0, eta.line(i + 1), step)
             log.scalar("bits/avg", average_bitwidth(params_bin), step)
             log.flush()
             if phase == "prune":
@@ -249,12 +249,9 @@ def posttrain(ctx):
     sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
     rck = None
     if args.resume and os.path.exists(rpath):
-        rck = load_checkpoint(rpath, what="POSTTRAIN resume file")
-        check_stage_flags(rck, args, "POSTTRAIN", rpath, log)
-        check_stage_input(rck, "model_sha256", args.model, "--model", f"the POSTTRAIN resume file {rpath}")
-        model_sha, ident = rck.get("model_sha256"), rck.get(IDENTITY_KEY) or ctx.ident("POSTTRAIN", None)
-        params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc = \
-            resume_stage(rpath, net, args, legacy_flip, "POSTTRAIN", len(sched), log, dist)
+        rck, model_sha, ident, (params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc) = \
+            resume_checked(ctx, rpath, net, "POSTTRAIN", "model_sha256", args.model, "--model", len(sched),
+                           legacy_flip)
     else:
         log.info(f"load quantized model {args.model} ...")
         ck, params_w, params_b, params_bin = load_quantized(args.model, net, legacy_flip)
@@ -302,11 +299,8 @@ def posttrain(ctx):
             train = train_basis_STE if phase == "ste" else train_coordinate
             s = train(fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
             ctx.epoch_done(net, params_bin, ctl.where)
-            log.info(f"POSTTRAIN {phase} {epoch_label(e, n_phase)} lr {optimizer_w.param_groups[0]['lr']:.3g}: "
-                     f"train {ctx.fmt(s)} ({time.time() - t0:.0f}s; stage {eta.line(i + 1)})")
-            v = ctx.evaluate(net, "val")["top1"]
-            log.scalar("posttrain/train/loss", s["loss"], i + 1)
-            log.scalar("posttrain/val/top1", v, i + 1)
+            v = ctx.report_epoch(net, "posttrain", f"POSTTRAIN {phase} {epoch_label(e, n_phase)}",
+                                 optimizer_w.param_groups[0]['lr'], s, time.time() - t0, eta.line(i + 1), i + 1)
             log.flush()
             if v > best_acc:
                 best_acc = v

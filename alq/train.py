@@ -154,6 +154,15 @@ class RunContext:
         self.log.info(f"  {which}: {self.fmt(s)} ({s['n']} images)")
         return s
 
+    def report_epoch(self, net, stage, what, lr, s, seconds, stage_eta, step):
+        """After a stage's training epoch: its line (`what` names the epoch), the validation top-1 (returned) and
+        the stage's tensorboard scalars at `step`."""
+        self.log.info(f"{what} lr {lr:.3g}: train {self.fmt(s)} ({seconds:.0f}s; stage {stage_eta})")
+        v = self.evaluate(net, "val")["top1"]
+        self.log.scalar(f"{stage}/train/loss", s["loss"], step)
+        self.log.scalar(f"{stage}/val/top1", v, step)
+        return v
+
     def interruptible(self, path, save, resume=None):
         return Interruptible(self, path, save, resume)
 

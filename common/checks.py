@@ -8,12 +8,25 @@ is read or any model is built.
     check_writable_file(args.model_ori, "--model_ori")
     check_results_writable()          # QUANTLAB_RESULTS / results/
 """
+import argparse
 import math
 import os
 import tempfile
 
 from common.errors import UserError
 from common.paths import results_dir, results_env
+
+
+def str2bool(v):
+    """An argparse type for the originals' `type=str2bool` flags: true/false, yes/no, t/f, y/n, on/off, 1/0."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "t", "yes", "y", "on", "1"):
+        return True
+    if s in ("false", "f", "no", "n", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {v!r}")
 
 
 def check_range(flag, value, lo=None, hi=None, lo_open=False, hi_open=False):

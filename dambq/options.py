@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from common.checks import check_range, check_sgd_flags
+from common.checks import check_range, check_sgd_flags, str2bool
 from common.data import data_root
 from common.errors import UserError
 from common.results import combine_recipes, recipe_info
@@ -23,15 +23,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message}")
-
-
-def str2bool(v):
-    s = str(v).strip().lower()
-    if s in ('1', 'true', 'yes', 'y', 'on'):
-        return True
-    if s in ('0', 'false', 'no', 'n', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {v!r}")
 
 
 def bit_target(v):

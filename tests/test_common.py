@@ -335,3 +335,14 @@ def test_epochs_read_from_one_and_ranges_include_both_ends():
     assert epoch_label(0, 25) == "epoch 1/25" and epoch_label(24, 25) == "epoch 25/25"
     assert epoch_span(0, 25) == "epochs 1-25" and epoch_span(3, 5) == "epochs 4-5"
     assert epoch_span(4, 5) == "epoch 5" and epoch_span(5, 5) == "no epochs left"
+
+
+def test_str2bool_reads_the_spellings_the_originals_flags_took():
+    import argparse
+    from common.checks import str2bool
+    for v in ("true", "True", "t", "yes", "Y", "on", "1", True):
+        assert str2bool(v) is True
+    for v in ("false", "F", "no", "n", "off", "0", False):
+        assert str2bool(v) is False
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a boolean"):
+        str2bool("maybe")
