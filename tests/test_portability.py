@@ -85,7 +85,7 @@ def test_apot_cifar_seed_means_deterministic(monkeypatch, seed, expected):
 def test_alq_pipeline_is_deterministic(monkeypatch, tmp_path):
     import alq_import
     A = alq_import.load()
-    seen = _spy_seed(monkeypatch, A.train)
+    seen = _spy_seed(monkeypatch, A.stages)
     with pytest.raises(_Stop):
         A.lenet5.main(["--PRETRAIN", "--data", str(tmp_path), "--model_ori", str(tmp_path / "o.pth"),
                        "--log_dir", str(tmp_path / "log")])
