@@ -18,8 +18,8 @@ One epoch convention for what people read: epochs count from 1 and a range inclu
 """
 import json
 import os
-import re
 import platform
+import re
 import subprocess
 import sys
 import time

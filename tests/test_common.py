@@ -324,8 +324,6 @@ def test_every_literal_tag_in_the_papers_follows_the_scheme():
                 text = open(os.path.join(dirpath, name)).read()
                 for m in call.finditer(text):
                     tag = re.sub(r"\{[^}]*\}", "x", m.group(3)) if m.group(1) else m.group(3)
-                    if "/x/" in tag and tag.startswith("alpha/"):
-                        tag = tag.replace("/x/", "/layer1/")
                     assert check_tag(tag), (name, m.group(0))
                     seen += 1
     assert seen >= 20            # the scan found the calls (apot alone logs 15 literal tags)
