@@ -30,20 +30,14 @@ _APOT = "github.com/yhhhli/APoT_Quantization"
 # sha256 of the APoT authors' published checkpoints (the files the original repository links from its
 # README: CIFAR10/result/res20_<bit>bit/ and MNIST/result/resnet10_<bit>bit[_uniform]/ model_best.pth.tar).
 # Hashes computed from the files themselves; the files are never copied into this repository.
-KNOWN_CHECKPOINTS = {
-    "f2d107bcd63ce2fcfb9b6f43f367dc80003e395b378111fedc7f9244fd90bfc6":
-        dict(paper="apot", model="resnet20", dataset="cifar10", bits=32, scheme="fp32",
-             source=f"{_APOT} CIFAR10 result/res20_32bit/model_best.pth.tar"),
-    "4db821849e375e3c31d12c6c03563e164ddd34f8da45e0d57bee87eb1d3b4303":
-        dict(paper="apot", model="resnet20", dataset="cifar10", bits=4, scheme="apot",
-             source=f"{_APOT} CIFAR10 result/res20_4bit/model_best.pth.tar"),
-    "e7864989697c13ed8bfa304ca08bbe6ca3d759f71d4734fe3f3387f7d110a004":
-        dict(paper="apot", model="resnet20", dataset="cifar10", bits=3, scheme="apot",
-             source=f"{_APOT} CIFAR10 result/res20_3bit/model_best.pth.tar"),
-    "d2dc978da7dc93cb6e90edc59035ac181921aef9d93598f884d325986a3e7cd2":
-        dict(paper="apot", model="resnet20", dataset="cifar10", bits=2, scheme="apot",
-             source=f"{_APOT} CIFAR10 result/res20_2bit/model_best.pth.tar"),
-}
+KNOWN_CHECKPOINTS = {}
+for _bits, _scheme, _sha in (
+        (32, "fp32", "f2d107bcd63ce2fcfb9b6f43f367dc80003e395b378111fedc7f9244fd90bfc6"),
+        (4, "apot", "4db821849e375e3c31d12c6c03563e164ddd34f8da45e0d57bee87eb1d3b4303"),
+        (3, "apot", "e7864989697c13ed8bfa304ca08bbe6ca3d759f71d4734fe3f3387f7d110a004"),
+        (2, "apot", "d2dc978da7dc93cb6e90edc59035ac181921aef9d93598f884d325986a3e7cd2")):
+    KNOWN_CHECKPOINTS[_sha] = dict(paper="apot", model="resnet20", dataset="cifar10", bits=_bits, scheme=_scheme,
+                                   source=f"{_APOT} CIFAR10 result/res20_{_bits}bit/model_best.pth.tar")
 for _bits, _apot, _uniform in (
         (2, "b59ff3153fc967cc183deb0142dc608f44a6bbe6c086ff741eb6e58417e87de7",
          "6f4d2134bdb8c521c70de3c9a8e2c709b6c20ae19b898aca3da979d6304a8f02"),

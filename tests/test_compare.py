@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, require_shared, run_script
+from test_layout import common_graph
 from common import compare
 from common.errors import UserError
 from common.results import record, results_dir
@@ -304,3 +305,29 @@ def test_mnist_runs_pair_on_the_published_protocol_with_the_test_split_beside():
     assert any(n.startswith("test split, last epoch: 99.2 ±0.10 (99.1-99.3, n=3 seeds)")
                for n in e["notes"]), e["notes"]
     assert not [r for r in res["measured_only"] if r.get("dataset") == "mnist"]   # the test runs sit beside the row
+
+
+# The report (tables, markdown, charts, the command line) reads the library; the library never imports the
+# report, so a training script that reads a published table does not load it.
+REPORT = {"common.compare", "common.compare_text", "common.compare_chart"}
+
+
+def report_imports(root=REPO):
+    """['<module> imports <report module>'] for every common module outside REPORT that imports one."""
+    return sorted(f"{m} imports {r}" for m, deps in common_graph(root).items() if m not in REPORT
+                  for r in sorted(deps & REPORT))
+
+
+def test_the_library_never_imports_the_report():
+    assert report_imports() == []
+    assert {"common.compare_records", "common.compare_match"} <= set(common_graph(REPO))   # the library is seen
+
+
+def test_the_report_check_sees_a_library_module_importing_the_report(tmp_path):
+    tree = {"__init__.py": "", "compare_text.py": "from common.compare_match import fmt\n",
+            "compare_match.py": "def fmt(v):\n    from common import compare_chart\n",   # a function-level import
+            "compare_chart.py": "import common.compare_text\n"}
+    os.makedirs(tmp_path / "common")
+    for name, text in tree.items():
+        (tmp_path / "common" / name).write_text(text)
+    assert report_imports(str(tmp_path)) == ["common.compare_match imports common.compare_chart"]

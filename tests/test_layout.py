@@ -26,7 +26,7 @@ SCANNED = PAPERS + ("common",)
 MAX_LINES = 500
 
 # common/ files over MAX_LINES today. Shrink this as they are split; never add to it.
-OVER_MAX_LINES = {"common/compare.py", "common/data.py"}
+OVER_MAX_LINES = set()   # none left: keep it empty
 
 # Being restructured elsewhere right now: the issue-number rule skips them until that work lands.
 ISSUE_NUMBER_SKIP = ()   # none: every comment names its reason

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from common import compare
+from common import compare, compare_match
 from common.results import combine_recipes, read_records, recipe_info, record
 
 
@@ -168,7 +168,8 @@ def test_split_difference_is_marked_in_the_chart():
 
 
 def test_paper_without_code_is_marked(monkeypatch, tmp_path):
-    monkeypatch.setattr(compare, "has_code", lambda paper: paper != "fdda")
+    # compare_paper looks has_code up in its own module, common.compare_match (common.compare re-exports both)
+    monkeypatch.setattr(compare_match, "has_code", lambda paper: paper != "fdda")
     res = compare.compare_paper("fdda", records=[], reference=[])
     assert "no code in this repository yet" in compare.format_text(res)
     assert "not yet run" not in compare.format_text(res)
