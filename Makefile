@@ -29,20 +29,24 @@ help: ## list every target with one line each
 
 setup: $(STAMP) ## create .venv (if missing) and install requirements.txt; quick when nothing changed
 
-$(STAMP): requirements.txt
+# `pip install -e .` (pyproject.toml) makes common/ and the paper packages importable; --no-build-isolation builds
+# with the venv's own setuptools, so nothing is fetched for the build; quantlab.pth, which older `make setup`s
+# wrote for the same purpose, is removed.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/quantlab.pth', 'w').write('$(CURDIR)\n')"
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	rm -f "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/quantlab.pth"
 	$(PY) -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5); print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
 TEST_JOBS ?= 2
-test: setup ## run the test suite in TEST_JOBS processes (the README's test command; CI runs it)
+test: setup ## ruff (ruff.toml), then the test suite in TEST_JOBS processes (the README's test command; CI runs it)
+	$(PY) -m ruff check -q .
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_JOBS)
 
-lint: setup ## ruff with ruff.toml's small rule set when ruff is installed; the layout tests always (make test runs them too)
-	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check .; \
-	else echo "lint: ruff is not installed in the venv; running the stdlib checks of tests/test_layout.py only"; fi
+lint: setup ## ruff with ruff.toml's small rule set and the layout tests (make test runs both)
+	$(PY) -m ruff check .
 	$(TEST_ENV) $(PY) -m pytest -q tests/test_layout.py
 
 test-originals: setup ## side by side with the authors' code, bitwise (QUANTLAB_ORIGINALS=DIR; tests/originals/README.md)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dambq.model import QUANT_BASES, FirstConv2d, LastLinear, QuantConv2d, QuantLinear, QuantTune
 from dambq.model.cifar10.resnet import resnet20
-from dambq.model.quant_layers import (ALPHA_W, CLIP_W, EPS, lba_error_hook, nearest_level, quantize_act,
+from dambq.model.quant_layers import (ALPHA_W, CLIP_W, EPS, clamp_ste, lba_error_hook, nearest_level, quantize_act,
                                       quantize_wgt, round_pass)
 
 F32 = np.float32
@@ -175,6 +175,28 @@ def test_quantize_act_boundaries_are_inclusive():
     x = torch.tensor([[[0.0, s]]], requires_grad=True)        # u = 0 and u = 1 exactly
     quantize_act(x, alpha, torch.tensor([3])).sum().backward()
     assert (x.grad > 0.99).all()
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 1), (-1, 1)])
+def test_clamp_mask_from_the_output_is_the_closed_interval_for_every_float(lo, hi):
+    # clamp_ste takes its straight-through mask from `clamp(x) == x`; it must be lo <= x <= hi on every float the
+    # quantizers can see: both signs of zero, the ends and their neighbours, subnormals, ±inf, NaN, and
+    # random values spanning the interval
+    tiny = torch.finfo(torch.float32).tiny
+    special = [0.0, -0.0, lo, hi, float("inf"), float("-inf"), float("nan"), tiny / 4, -tiny / 4, tiny, -tiny]
+    ends = torch.tensor([float(lo), float(hi)])
+    special += torch.nextafter(ends, ends + 1).tolist() + torch.nextafter(ends, ends - 1).tolist()
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor(special), torch.rand(4096, generator=g) * 4 - 2]).requires_grad_()
+    y = clamp_ste(x, lo, hi)
+    upstream = torch.rand(x.shape, generator=g) + 1
+    y.backward(upstream)
+    inside = (x.detach() >= lo) & (x.detach() <= hi)
+    assert torch.equal(torch.isnan(y.detach()), torch.isnan(x.detach()))
+    finite = ~torch.isnan(x.detach())
+    assert torch.equal(y.detach()[finite], x.detach().clamp(lo, hi)[finite])
+    assert torch.equal(x.grad, torch.where(inside, upstream, torch.zeros(())))
+    assert inside[:4].all() and not inside[4:7].any()          # ±0 and both ends pass; ±inf, NaN do not
 
 
 def test_round_pass_value_and_gradient():

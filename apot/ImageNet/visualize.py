@@ -14,15 +14,15 @@ import os
 import re
 
 import matplotlib
+import torch
 
-matplotlib.use("Agg")
+from apot.apot_levels import build_power_value
+from common.checks import check_writable_file
+from common.checkpoint import extract_state_dict, load_checkpoint, strip_module_prefix
+from common.errors import UserError, cli
+
+matplotlib.use("Agg")                    # no display: files only; pyplot must come after the backend is chosen
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from apot.apot_levels import build_power_value  # noqa: E402
-from common.checks import check_writable_file  # noqa: E402
-from common.checkpoint import extract_state_dict, load_checkpoint, strip_module_prefix  # noqa: E402
-from common.errors import UserError, cli  # noqa: E402
 
 ALPHA_SUFFIXES = (".weight_alpha", ".weight_quant.wgt_alpha")
 

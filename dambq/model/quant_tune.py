@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from common.runlog import epoch_label
 
-from .quant_layers import MAX_BIT, FirstConv2d, LastLinear, QuantConv2d, QuantLinear
+from dambq.model.quant_layers import MAX_BIT, FirstConv2d, LastLinear, QuantConv2d, QuantLinear
 
 SLACK = 0.07            # bits are only decremented while the average exceeds target + SLACK
 RATIO_START = 0.01      # fraction of all groups decremented at the first epoch of the window ...

@@ -7,7 +7,7 @@ import math
 
 import torch.nn as nn
 
-from .quant_layer import QuantConv2d, first_conv, last_fc
+from apot.CIFAR10.models.quant_layer import QuantConv2d, first_conv, last_fc
 
 
 def conv3x3(in_planes, out_planes, stride=1, float=False, bit=4, power=True):

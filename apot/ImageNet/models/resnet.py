@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from common.checkpoint import extract_state_dict, load_checkpoint, load_model_state
 from common.errors import UserError
-from .quant_layer import QuantConv2d, first_conv, last_fc
+from apot.ImageNet.models.quant_layer import QuantConv2d, first_conv, last_fc
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "load_torchvision_weights"]
 
