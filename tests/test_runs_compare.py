@@ -1,4 +1,4 @@
-"""Issue 9, honest results: compare pairs the best-qualified record (full recipe, full split, newest), shows
+"""Honest results: compare pairs the best-qualified record (full recipe, full split, newest), shows
 shortened runs only as such, skips a corrupt line with file:line, shows committed reference records beside
 local ones, aggregates seeds, prints command + run dir; charts start at zero and draw only measured rows."""
 import json
@@ -186,7 +186,7 @@ def test_results_md_cites_only_what_users_can_read(tmp_path):
 
 
 def test_seed_runs_are_listed_with_their_layer_bits_and_drawn(tmp_path):
-    # issue 14: compare shows mean/std/min-max/n of each metric plus each run's per-layer bit split, in the
+    # seeds: compare shows mean/std/min-max/n of each metric plus each run's per-layer bit split, in the
     # table and in the chart
     def alq(metric, v, seed, bits):
         return {"paper": "alq", "model": "lenet5", "dataset": "mnist", "split": "test" if metric == "top1" else "n/a",

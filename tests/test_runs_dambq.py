@@ -1,4 +1,4 @@
-"""Issue 9 on DAMBQ (dambq/main_cifar10.py): checkpoint identity and one-line mismatches, one run layout with
+"""DAMBQ runs (dambq/main_cifar10.py): checkpoint identity and one-line mismatches, one run layout with
 links from the original's <checkpoint-dir>/<expr-name>, checks before any data is read, honest records, and an
 interrupt inside an epoch that --continue resumes exactly. Tiny generated CIFAR-10, in-process."""
 import glob
