@@ -8,8 +8,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
-from common.device import setup_distributed
-from common.errors import UserError
+from common.distributed import Dist as CommonDist
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,9 +53,9 @@ class TensorLoader:
 # Several processes (torchrun --nproc_per_node=N): DistributedDataParallel where the original used DataParallel
 
 
-class Dist:
-    """This process among those of a torchrun job (common.device.setup_distributed: nccl with a GPU per process,
-    gloo on the CPU otherwise); `Dist()` is a single-process run, for which every method is a no-op.
+class Dist(CommonDist):
+    """This process among those of a torchrun job (common.distributed.Dist: the process group and its
+    collectives); `Dist()` is a single-process run, for which every method is a no-op.
 
     Every process holds the whole ALQ state (bases, coordinates, masks, both optimizers) and updates it from the
     same all-reduced gradients (DistributedDataParallel averages every parameter's gradient, the quantized
@@ -64,85 +63,13 @@ class Dist:
     process; `check_sync` asserts it after every epoch. Rank 0 alone writes checkpoints, logs and records."""
 
     def __init__(self, enabled=False, rank=0, world=1, device=None):
-        self.enabled, self.rank, self.world = enabled, rank, world
-        self.device = device if device is not None else torch.device("cpu")
-        self.main = rank == 0
+        super().__init__(enabled, rank, world, device)
         self.checks = 0
-
-    @classmethod
-    def start(cls):
-        return cls(*setup_distributed())
 
     @property
     def quiet(self):
         """Progress bars: only rank 0's."""
         return True if not self.main else None
-
-    def close(self):
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    # --- collectives (tensors travel on this process's device: nccl takes CUDA tensors only) ----------------
-    def sum(self, t):
-        """`t` summed over the processes (a new tensor where `t` was)."""
-        if not self.enabled:
-            return t
-        d = t.to(self.device, copy=True)
-        torch.distributed.all_reduce(d)
-        return d.to(t.device)
-
-    def broadcast(self, t):
-        """Rank 0's `t`, in every process."""
-        if not self.enabled:
-            return t
-        d = t.to(self.device, copy=True)
-        torch.distributed.broadcast(d, 0)
-        return d.to(t.device)
-
-    def max(self, v):
-        if not self.enabled:
-            return v
-        t = torch.tensor([int(v)], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
-
-    def any(self, flag):
-        return bool(self.max(bool(flag)))
-
-    def gather(self, obj):
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier(**({"device_ids": [self.device.index]} if self.device.type == "cuda" else {}))
-
-    def from_main(self, fn):
-        """fn() run by rank 0 alone (the run directory, the output checks): its result in every process; its
-        UserError stops all of them, printed by rank 0 alone (the others exit 2 without a word)."""
-        if not self.enabled:
-            return fn()
-        box = [None, None]
-        if self.main:
-            try:
-                box[0] = fn()
-            except UserError as e:
-                box[1] = str(e)
-        torch.distributed.broadcast_object_list(box, 0)
-        if box[1] is not None:
-            if self.main:
-                raise UserError(box[1])
-            raise SystemExit(2)
-        return box[0]
-
-    def main_first(self, fn):
-        """fn() in rank 0 first (a download, a cache), then in the other processes."""
-        if not self.enabled:
-            return fn()
-        out = []
-        self.from_main(lambda: out.append(fn()))
-        return out[0] if self.main else fn()
 
     # --- data ---------------------------------------------------------------------------------------------
     def share_len(self, n, shuffle):
@@ -190,8 +117,7 @@ class Dist:
         its share of the last batch; DataParallel kept those of the first GPU's replica), then check_sync."""
         if not self.enabled:
             return
-        for b in net.buffers():
-            torch.distributed.broadcast(b, 0)
+        self.broadcast_(net.buffers())
         self.check_sync(net, params_bin, where)
 
     def check_sync(self, net, params_bin=(), where="epoch"):

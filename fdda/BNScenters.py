@@ -11,25 +11,21 @@ which --calib_list replays exactly.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-if __package__ in (None, ""):                        # run as `python BNScenters.py` from fdda/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.checkpoint import save_checkpoint  # noqa: E402
-from common.checks import check_range, check_writable_dir  # noqa: E402
-from common.data import data_root  # noqa: E402
-from common.device import get_device  # noqa: E402
-from common.errors import UserError, cli  # noqa: E402
-from common.identity import sha256_file  # noqa: E402
-from common.meters import progress  # noqa: E402
-from fdda import models  # noqa: E402
-from fdda.bns import BNStats, LIST_FILE, RECORD_FILE, bns_paths, correct_set  # noqa: E402
-from fdda.dataloader import imagenet_split, test_transform  # noqa: E402
-from fdda.options import DATA_ENV  # noqa: E402
+from common.checkpoint import save_checkpoint
+from common.checks import check_range, check_writable_dir
+from common.data import data_root
+from common.device import get_device
+from common.errors import UserError, cli
+from common.identity import sha256_file
+from common.meters import progress
+from fdda import models
+from fdda.bns import BNStats, LIST_FILE, RECORD_FILE, bns_paths, correct_set
+from fdda.dataloader import imagenet_split, test_transform
+from fdda.options import DATA_ENV
 
 parser = argparse.ArgumentParser(description="FDDA: compute per-class BNS centers", allow_abbrev=False)
 parser.add_argument("--dataPath", type=str, default=None,

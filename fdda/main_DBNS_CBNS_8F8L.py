@@ -1,13 +1,7 @@
 """The repository's later name for main_cosine_CBNS_8F8L.py: FDDA training with F8L8 (first layer, last
 activation and every Linear at 8 bits). Same flags as main_cosine_CBNS.py."""
-import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.errors import cli  # noqa: E402
-from fdda.main_cosine_CBNS import main  # noqa: E402
+from common.errors import cli
+from fdda.main_cosine_CBNS import main
 
 if __name__ == "__main__":
     cli(main)(f8l8=True)

@@ -15,30 +15,26 @@ import glob
 import os
 import random
 import shutil
-import sys
 import time
 
 import torch
 
-if __package__ in (None, ""):                        # run as `python main_cosine_CBNS.py` from fdda/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import interrupt, runs  # noqa: E402
-from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint  # noqa: E402
-from common.checks import check_range, check_results_writable, check_writable_dir  # noqa: E402
-from common.device import get_rng_state, seed_everything, set_rng_state  # noqa: E402
-from common.runlog import QuietLog, epoch_label  # noqa: E402
-from common.errors import UserError, cli  # noqa: E402
-from common.identity import IDENTITY_KEY, sha256_file  # noqa: E402
-from common.results import record  # noqa: E402
-from fdda import distributed, models  # noqa: E402
-from fdda.bns import LIST_FILE, RECORD_FILE, bns_paths, check_centers, correct_set, load_bns_centers  # noqa: E402
-from fdda.checkpoints import check_student, fdda_identity  # noqa: E402
-from fdda.conditional_batchnorm import Generator_imagenet  # noqa: E402
-from fdda.dataloader import CalibrationSet, SkipUnreadable, imagenet_split, loader, test_transform  # noqa: E402
-from fdda.options import DEFAULTS, Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
-from fdda.quantization_utils import freeze_model, unfreeze_model  # noqa: E402
-from fdda.trainer_DBNS_CBNS import Trainer  # noqa: E402
+from common import interrupt, runs
+from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from common.checks import check_range, check_results_writable, check_writable_dir
+from common.device import get_rng_state, seed_everything, set_rng_state
+from common.errors import UserError, cli
+from common.identity import IDENTITY_KEY, sha256_file
+from common.results import record
+from common.runlog import QuietLog, epoch_label
+from fdda import distributed, models
+from fdda.bns import LIST_FILE, RECORD_FILE, bns_paths, check_centers, correct_set, load_bns_centers
+from fdda.checkpoints import check_student, fdda_identity
+from fdda.conditional_batchnorm import Generator_imagenet
+from fdda.dataloader import CalibrationSet, SkipUnreadable, imagenet_split, loader, test_transform
+from fdda.options import DEFAULTS, Option, add_override_flags, overrides_from, require, script_parser, setting_name
+from fdda.quantization_utils import freeze_model, unfreeze_model
+from fdda.trainer_DBNS_CBNS import Trainer
 
 CKPT = "checkpoint.pth"
 # the original built its generator before seeding, from an unseeded RNG (a new per-process seed on current

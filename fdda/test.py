@@ -10,24 +10,20 @@ frozen; cur_x_* buffers are ignored, as in the original. The result is appended 
 checkpoint's recipe (a checkpoint of an unfinished run is recorded as shortened).
 """
 import os
-import sys
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from common.checks import check_results_writable  # noqa: E402
-from common.device import seed_everything  # noqa: E402
-from common.errors import UserError, cli  # noqa: E402
-from common.results import record  # noqa: E402
-from fdda import distributed, models  # noqa: E402
-from fdda.checkpoints import check_student, checkpoint_recipe  # noqa: E402
-from fdda.dataloader import SkipUnreadable, imagenet_split, loader, test_transform  # noqa: E402
-from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name  # noqa: E402
-from fdda.quantization_utils import freeze_model  # noqa: E402
-from fdda.trainer_DBNS_CBNS import evaluate  # noqa: E402
+from common.checkpoint import load_checkpoint, load_model_state
+from common.checks import check_results_writable
+from common.device import seed_everything
+from common.errors import UserError, cli
+from common.results import record
+from fdda import distributed, models
+from fdda.checkpoints import check_student, checkpoint_recipe
+from fdda.dataloader import SkipUnreadable, imagenet_split, loader, test_transform
+from fdda.options import Option, add_override_flags, overrides_from, require, script_parser, setting_name
+from fdda.quantization_utils import freeze_model
+from fdda.trainer_DBNS_CBNS import evaluate
 
 
 def make_parser(f8l8):

@@ -65,7 +65,7 @@ def evaluate(model, loader, device, dist, desc="val", say=None):
             c1 += a1 * images.size(0) / 100.0
             c5 += a5 * images.size(0) / 100.0
             n += images.size(0)
-    c1, c5, n, skipped = dist.sum([float(c1), float(c5), n, skipped])
+    c1, c5, n, skipped = dist.sum_values([float(c1), float(c5), n, skipped])
     if n == 0 and skipped:
         raise UserError(f"none of the {int(skipped)} validation images can be decoded (see the warnings above); "
                         f"check dataPath's val/ folder")
@@ -192,7 +192,7 @@ class Trainer:
         """SIGINT/SIGTERM arrived (common.interrupt); under torchrun every rank stops at the same iteration."""
         flag = interrupt.requested() is not None
         if self.dist.enabled:
-            flag = self.dist.sum([float(flag)])[0] > 0
+            flag = self.dist.sum_values([float(flag)])[0] > 0
         return flag
 
     def train(self, epoch, start=0, sums=None, on_interrupt=None, eta=None):

@@ -215,6 +215,41 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
         distributed.setup()
 
 
+@pytest.mark.parametrize("world,force_cpu,backend,device", [("2", "", "nccl", "cuda:1"), ("2", "1", "gloo", "cpu"),
+                                                          ("4", "1", "gloo", "cpu")])
+def test_setup_under_torchrun(monkeypatch, world, force_cpu, backend, device):
+    """Rank 1 on a 2-GPU machine (simulated): nccl on its own GPU, or gloo on the CPU with QUANTLAB_DDP_CPU=1, also
+    with more processes than GPUs."""
+    import torch.distributed as dist
+    from fdda import distributed
+    got = {}
+    for k, v in dict(WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, LOCAL_RANK="1", QUANTLAB_DDP_CPU=force_cpu).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: got.setdefault("set_device", str(d)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: got.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    d = distributed.setup()
+    assert (d.enabled, d.rank, d.world, d.main, str(d.device)) == (True, 1, int(world), False, device)
+    assert got == ({"backend": "nccl", "set_device": "cuda:1"} if backend == "nccl" else {"backend": "gloo"})
+
+
+def test_single_process_collectives_return_their_input(monkeypatch):
+    from fdda import distributed
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = distributed.setup()
+    assert (d.enabled, d.rank, d.world, d.main) == (False, 0, 1, True)
+    got = d.sum_values([3, 2.5])                  # evaluate's counts stay ints in its record
+    assert got == [3, 2.5] and type(got[0]) is int
+    net = torch.nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    grad, weight = net.weight.grad.clone(), net.weight.detach().clone()
+    d.average_gradients(list(net.parameters()))
+    d.broadcast_module(net)
+    assert torch.equal(net.weight.grad, grad) and torch.equal(net.weight, weight)
+
+
 def test_reproduce_says_what_it_needs(tmp_path):
     r = subprocess.run(["bash", os.path.join(FDDA, "reproduce.sh")], env=dict(os.environ, DATA=str(tmp_path)),
                        capture_output=True, text=True, timeout=60)
