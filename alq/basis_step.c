@@ -1,6 +1,6 @@
-/* ALQ basis step on the CPU, the work between the matmuls in compiled code (loaded by binarynet._native_lib).
+/* ALQ basis step on the CPU, the work between the matmuls in compiled code (built and loaded by alq/native.py).
  *
- * alq_nearest_code: the code search of binarynet._nearest_code_fast in one pass.
+ * alq_nearest_code: the code search of fastpath._nearest_code_fast in one pass.
  * For every group g (G of them) with C = 2^M representable values v[g, 0..C-1] and n targets t[g, 0..n-1],
  * write the code c minimising |t - v[c]| (lowest c among equal distances, the first NaN distance if any: exactly
  * torch.argmin(|t - v|) over c). Same selection, same float operations, as the eager path:
@@ -13,7 +13,8 @@
  * alq_basis_search: the same from w, pg, ph, forming the targets w - pg / ph itself.
  * alq_fill_bases: the bases of those codes, B (int8), B as float and B * ph, and -ph * w + pg, which the least
  * squares read (binarynet.BinaryLayer._least_squares computes the same with torch ops).
- * alq_reconstruct: the weights of the codes (BinaryLayer._reconstruct_from_code); alq_shadow_step: w += -pg / ph.
+ * alq_reconstruct: the weights of the codes (FastPath._reconstruct_from_code in alq/fastpath.py);
+ * alq_shadow_step: w += -pg / ph.
  *
  * Built with -ffp-contract=off and without fast-math: every float operation is the single IEEE operation written,
  * so the results are those of the torch ops they replace, bit for bit.

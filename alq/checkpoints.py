@@ -3,12 +3,12 @@ full-precision and the quantized models, their identity (stage, flags, the input
 files of a killed or stopped stage, and where a run puts its stage outputs."""
 import os
 
-from binarynet import average_bitwidth, make_binary_layers, split_parameters
+from alq.binarynet import average_bitwidth, make_binary_layers, split_parameters
+from alq.options import model_post_path, stage_flags
 from common import runs
 from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from common.errors import UserError
 from common.identity import IDENTITY_KEY, sha256_file
-from options import model_post_path, stage_flags
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ MNIST is held in memory as tensors and batched directly (no per-image PIL work).
 """
 import torch
 
+from alq.distributed import TensorLoader
+from alq.options import alq_argparser
+from alq.stages import pretrain, run_pipeline
+from alq.train import lr_x02_every_30, split_indices
 from common.data import mnist
 from common.errors import run_main
-from distributed import TensorLoader
-from options import alq_argparser
-from stages import pretrain, run_pipeline
-from train import split_indices
 
 DEFAULTS = dict(val_size=10000, model_ori="./lenet5_model_ori.pth", model="./lenet5_model.pth", lr=1e-3, R=4,
                 epoch_basis=20, epoch_coord=10, ld_coord=0.8, pr=0.8, top_k=0.005,
@@ -66,10 +66,7 @@ def make_loaders(args):
 
 def pretrain_recipe(ctx):
     """SGD lr 5e-2 momentum 0.5, lr *= 0.2 at epochs 0, 30, 60, 90; the best-validation model is kept."""
-    def lr_schedule(optimizer, epoch):
-        if epoch % 30 == 0:
-            optimizer.param_groups[0]["lr"] *= 0.2
-    return pretrain(ctx, lambda net: torch.optim.SGD(net.parameters(), lr=5e-2, momentum=0.5), lr_schedule,
+    return pretrain(ctx, lambda net: torch.optim.SGD(net.parameters(), lr=5e-2, momentum=0.5), lr_x02_every_30,
                     ctx.args.pretrain_epochs)
 
 

@@ -21,8 +21,7 @@ import random
 import torch
 from torch.optim.optimizer import Optimizer
 
-from binarynet import reference_mode
-from legacy_sort import legacy_argsort
+from alq.legacy_sort import legacy_argsort
 
 
 class ALQ_optimizer(Optimizer):
@@ -144,7 +143,7 @@ class ALQ_optimizer(Optimizer):
 
                 else:  # 'basis' or 'ste'
                     pg, ph = self._amsgrad(state, "", grad, group, out=self._scratch(p))
-                    if reference_mode():  # the straightforward form; basis_step gives the same tensors
+                    if p_bin.reference:  # the straightforward form; basis_step gives the same tensors
                         p_bin.optimize_bin_basis(pg, ph)
                         p_bin.speedup(pg, ph)
                         if mode == "basis":

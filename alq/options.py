@@ -4,9 +4,9 @@ shape each stage's result (stored in its checkpoints, compared on --resume)."""
 import argparse
 import os
 
-from binarynet import STRUCTURES, split_parameters
-from common.checks import check_range, check_results_writable, check_writable_dir, check_writable_file
+from alq.binarynet import STRUCTURES, split_parameters
 from common.checkpoint import load_checkpoint
+from common.checks import check_range, check_results_writable, check_writable_dir, check_writable_file
 from common.data import data_root
 from common.errors import UserError
 from common.identity import IDENTITY_KEY

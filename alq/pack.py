@@ -19,7 +19,7 @@ import struct
 import numpy as np
 import torch
 
-from binarynet import make_binary_layers, split_parameters
+from alq.binarynet import make_binary_layers, split_parameters
 from common.errors import UserError
 
 MAGIC = b"ALQPACK1"

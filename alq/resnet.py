@@ -15,14 +15,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import models, transforms
 
+from alq.checkpoints import load_net_state, save_model_ori
+from alq.options import alq_argparser
+from alq.stages import pretrain, run_pipeline
+from alq.train import split_indices
 from common.checkpoint import load_checkpoint, strip_module_prefix
 from common.data import imagenet
 from common.errors import UserError, run_main
 from common.results import recipe_info
-from checkpoints import load_net_state, save_model_ori
-from options import alq_argparser
-from stages import pretrain, run_pipeline
-from train import split_indices
 
 DEFAULTS = dict(val_size=50000, model_ori="./resnet_model_ori.pth", model="./resnet_model.pth", lr=2e-4, R=5,
                 epoch_basis=10, epoch_coord=5, ld_coord=0.6, pr=0.15, top_k=0.0005, batch_size=256, workers=16,

@@ -16,24 +16,23 @@ import time
 
 import torch
 
-from binarynet import average_bitwidth
-from checkpoints import (_at_batch, _final_model, alq_run_dir, check_resume_world, check_stage_flags,
-                         check_stage_input, is_finished, load_net_state, load_optimizers, load_quantized,
-                         mark_finished, place_outputs, resume_path, save_model, save_model_ori)
+from alq.binarynet import average_bitwidth
+from alq.checkpoints import (_at_batch, alq_run_dir, check_resume_world, check_stage_flags, check_stage_input,
+                             is_finished, load_net_state, load_optimizers, load_quantized, mark_finished,
+                             place_outputs, resume_path, save_model, save_model_ori)
+from alq.distributed import Dist
+from alq.final import finish_pipeline
+from alq.options import check_args, check_inputs, check_outputs, model_post_path, said_by_rank_zero, stage_recipe
+from alq.train import (RunContext, bit_report, initialize, make_alq_optimizers, num_samples, prune, scale_lr, set_lr,
+                       train_basis, train_basis_STE, train_coordinate, train_fullprecision)
 from common import interrupt, runs
-from common.checks import check_writable_dir
 from common.checkpoint import load_checkpoint
+from common.checks import check_writable_dir
 from common.device import get_rng_state, seed_everything, set_rng_state
 from common.errors import UserError
 from common.identity import IDENTITY_KEY, sha256_file
+from common.results import combine_recipes
 from common.runlog import QuietLog, epoch_label
-from common.results import combine_recipes, record, results_dir
-from distributed import Dist
-from options import (_SWITCHES, check_args, check_inputs, check_outputs, model_post_path, said_by_rank_zero,
-                     stage_recipe)
-from pack import KB, export_packed, load_packed, storage_breakdown, storage_KB
-from train import (RunContext, bit_report, initialize, layer_bits, make_alq_optimizers, num_samples, prune,
-                   scale_lr, set_lr, train_basis, train_basis_STE, train_coordinate, train_fullprecision)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,29 +114,68 @@ def alq_schedule(args):
     return sched
 
 
-def resume_stage(rpath, net, args, legacy_flip, stage, num_steps, log, dist=None):
-    """Continue a killed ALQ / POSTTRAIN stage from its resume file (weights, both optimizers, RNG; written after
-    an epoch or at the batch where a signal stopped it)."""
-    dist = dist if dist is not None else Dist()
-    ck, params_w, params_b, params_bin = load_quantized(rpath, net, legacy_flip, what=f"{stage} resume file")
-    check_resume_world(ck, dist, rpath)
-    optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, args)
-    load_optimizers(ck, optimizer_w, optimizer_b, rpath)
-    start, best_acc = int(ck["next"]), float(ck["best_acc"])
-    set_rng_state(dist.own(ck, "rng"))
-    at = f"at step {start + 1}/{num_steps}" if start < num_steps else f"after its last step ({num_steps})"
-    log.info(f"resuming {stage} {at}{_at_batch(ck)}")
-    return params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc
+class QuantizedStage:
+    """What an ALQ or POSTTRAIN stage runs with. Its state (weights, multi-bit layers, both optimizers, best
+    validation top-1, identity, the sha256 of the input it started from) comes from its resume file under --resume
+    (checked against this run's flags and that input; written after every step, or at the batch where a signal
+    stopped it), else from the stage's `begin()`; then the network as trained (wrapped under torchrun), the
+    stop-and-resume control and the ETA of its steps. Both resume files are `save_resume`'s."""
 
+    def __init__(self, ctx, net, stage, rpath, n_steps, source, legacy_flip, begin):
+        """source: (the checkpoint key of the input's sha256, the input file, its flag); begin() -> (params_w,
+        params_b, params_bin, optimizer_w, optimizer_b, best_acc, identity, the input's sha256)."""
+        self.ctx, self.net, self.stage, self.rpath, self.n_steps = ctx, net, stage, rpath, n_steps
+        self.sha_key, self.rck, self.step = source[0], None, 0
+        state = self._resume(source, legacy_flip) if ctx.args.resume and os.path.exists(rpath) else begin()
+        (self.params_w, self.params_b, self.params_bin, self.optimizer_w, self.optimizer_b, self.best_acc, self.ident,
+         self.sha) = state
+        self.start, self.opts = self.step, (self.optimizer_w, self.optimizer_b)
+        self.fwd = ctx.dist.wrap(net)
+        self.ctl = ctx.interruptible(rpath, lambda **kw: self.save_resume(self.step, **kw), self.rck)
+        self.eta = runs.ETA(n_steps, self.start)
 
-def resume_checked(ctx, rpath, net, stage, sha_key, source, source_flag, n_steps, legacy_flip):
-    """A killed stage's resume file, checked against this run's flags and the input file the stage started from,
-    then restored: (checkpoint, the input's sha256, the identity, resume_stage's state)."""
-    rck = load_checkpoint(rpath, what=f"{stage} resume file")
-    check_stage_flags(rck, ctx.args, stage, rpath, ctx.log)
-    check_stage_input(rck, sha_key, source, source_flag, f"the {stage} resume file {rpath}")
-    sha, ident = rck.get(sha_key), rck.get(IDENTITY_KEY) or ctx.ident(stage, None)
-    return rck, sha, ident, resume_stage(rpath, net, ctx.args, legacy_flip, stage, n_steps, ctx.log, ctx.dist)
+    def _resume(self, source, legacy_flip):
+        """Continue the killed stage from its resume file (weights, both optimizers, RNG)."""
+        ctx, rpath, stage, dist = self.ctx, self.rpath, self.stage, self.ctx.dist
+        self.rck = load_checkpoint(rpath, what=f"{stage} resume file")
+        check_stage_flags(self.rck, ctx.args, stage, rpath, ctx.log)
+        check_stage_input(self.rck, *source, f"the {stage} resume file {rpath}")
+        sha, ident = self.rck.get(self.sha_key), self.rck.get(IDENTITY_KEY) or ctx.ident(stage, None)
+        ck, params_w, params_b, params_bin = load_quantized(rpath, self.net, legacy_flip, what=f"{stage} resume file")
+        check_resume_world(ck, dist, rpath)
+        optimizer_w, optimizer_b = make_alq_optimizers(params_w, params_b, ctx.args)
+        load_optimizers(ck, optimizer_w, optimizer_b, rpath)
+        self.step, best_acc = int(ck["next"]), float(ck["best_acc"])
+        set_rng_state(dist.own(ck, "rng"))
+        n = self.n_steps
+        at = f"at step {self.step + 1}/{n}" if self.step < n else f"after its last step ({n})"
+        ctx.log.info(f"resuming {stage} {at}{_at_batch(ck)}")
+        return params_w, params_b, params_bin, optimizer_w, optimizer_b, best_acc, ident, sha
+
+    def at(self, i, where):
+        """Step i (from 0) starts; `where` names it in the line of a stop."""
+        self.step, self.ctl.where = i, where
+
+    def save_resume(self, next_step, **kw):
+        save_model(self.rpath, self.net, self.optimizer_w, self.optimizer_b, self.params_bin,
+                   stage=f"{self.stage}-resume", next=next_step, best_acc=self.best_acc, quantlab=self.ident,
+                   **{self.sha_key: self.sha}, **kw)
+
+    def step_done(self, step):
+        """After step `step` (counted from 1): its resume file (rank 0; the RNG states of now), then stop there if
+        a signal came."""
+        rng = self.ctx.dist.rng_fields(rng=get_rng_state())
+        if self.ctx.dist.main:
+            self.save_resume(step, **rng)
+        self.ctl.epoch_end()
+
+    def finish(self, save_output):
+        """The last step is done: rank 0 writes the stage's output (`save_output()`) and removes the resume file."""
+        if self.ctx.dist.main:
+            save_output()
+            if os.path.exists(self.rpath):
+                os.remove(self.rpath)
+        self.ctx.stage_done(self.stage)
 
 
 def alq(ctx):
@@ -145,17 +183,12 @@ def alq(ctx):
     args, log, device, dist = ctx.args, ctx.log, ctx.device, ctx.dist
     legacy_flip = not args.fix_sign_flip
     net = ctx.build_net().to(device)
-    rpath = resume_path(args.model)
     sched = alq_schedule(args)
     num_batches = math.ceil(num_samples(ctx.train_loader) / args.batch_size)
     # M_p: fraction of the candidates pruned per step so that ~pr of the alphas go per pruning (Sec. 3.3)
     M_p = (args.pr / args.top_k) / (args.epoch_prune * num_batches) if args.top_k > 0 else 0.0
-    rck = None
-    if args.resume and os.path.exists(rpath):
-        rck, ori_sha, ident, (params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc) = \
-            resume_checked(ctx, rpath, net, "ALQ", "model_ori_sha256", args.model_ori, "--model_ori", len(sched),
-                           legacy_flip)
-    else:
+
+    def begin():
         ck = load_checkpoint(args.model_ori, what="full-precision model", flag="--model_ori")
         ori = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
         if ori is not None and not ori.get("finished"):
@@ -180,60 +213,49 @@ def alq(ctx):
         if dist.main:
             save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-init", quantlab=ident,
                        model_ori_sha256=ori_sha)
-        start = 0
-    opts = (optimizer_w, optimizer_b)
-    fwd = dist.wrap(net)
-    ctl = ctx.interruptible(rpath, lambda **kw: save_model(rpath, net, optimizer_w, optimizer_b, params_bin,
-                                                           stage="ALQ-resume", next=i, best_acc=best_acc,
-                                                           quantlab=ident, model_ori_sha256=ori_sha, **kw), rck)
-    eta = runs.ETA(len(sched), start)
+        return params_w, params_b, params_bin, optimizer_w, optimizer_b, best_acc, ident, ori_sha
+    st = QuantizedStage(ctx, net, "ALQ", resume_path(args.model), len(sched),
+                        ("model_ori_sha256", args.model_ori, "--model_ori"), legacy_flip, begin)
+    optimizer_w, optimizer_b, params_bin = st.optimizer_w, st.optimizer_b, st.params_bin
     with interrupt.armed():
-        for i in range(start, len(sched)):
+        for i in range(st.start, len(sched)):
             r, phase, e = sched[i]
-            if not ctl.mid_epoch:                 # (a resumed epoch's learning rates are in its optimizers)
+            if not st.ctl.mid_epoch:              # (a resumed epoch's learning rates are in its optimizers)
                 if i == 0 or sched[i - 1][0] != r:  # every outer iteration restarts at --lr
-                    set_lr(opts, args.lr)
+                    set_lr(st.opts, args.lr)
                 if phase != "prune":
-                    scale_lr(opts, args.ld_basis if phase == "basis" else args.ld_coord)
+                    scale_lr(st.opts, args.ld_basis if phase == "basis" else args.ld_coord)
             n_phase = {"basis": args.epoch_basis, "coord": args.epoch_coord, "prune": args.epoch_prune}[phase]
-            ctl.where = f"ALQ step {i + 1}/{len(sched)} (r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)})"
+            st.at(i, f"ALQ step {i + 1}/{len(sched)} (r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)})")
             t0 = time.time()
-            kw = dict(desc=f"r{r + 1} {phase} {e + 1}/{n_phase}", **ctx.train_kw(ctl))
+            kw = dict(desc=f"r{r + 1} {phase} {e + 1}/{n_phase}", **ctx.train_kw(st.ctl))
             if phase == "basis":
-                s = train_basis(fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, device,
+                s = train_basis(st.fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, device,
                                 **kw)
             elif phase == "coord":
-                s = train_coordinate(fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, device,
-                                     **kw)
+                s = train_coordinate(st.fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin,
+                                     device, **kw)
             else:
-                s = prune(fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, [args.top_k, M_p],
-                          device, **kw)
-            ctx.epoch_done(net, params_bin, ctl.where)
+                s = prune(st.fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin,
+                          [args.top_k, M_p], device, **kw)
+            ctx.epoch_done(net, params_bin, st.ctl.where)
             step = i + 1
             v = ctx.report_epoch(net, "alq", f"ALQ r {r + 1}/{args.R} {phase} {epoch_label(e, n_phase)}",
-                                 optimizer_w.param_groups[0]['lr'], s, time.time() - t0, eta.line(i + 1), step)
+                                 optimizer_w.param_groups[0]['lr'], s, time.time() - t0, st.eta.line(i + 1), step)
             log.scalar("bits/avg", average_bitwidth(params_bin), step)
             log.flush()
             if phase == "prune":
-                best_acc = v  # the original resets best_acc after every pruning
+                st.best_acc = v  # the original resets best_acc after every pruning
                 log.info(bit_report(params_bin))
                 ctx.evaluate(net, "test")
                 if dist.main:
                     save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", round=r,
-                               quantlab=ident, model_ori_sha256=ori_sha)
-            elif v > best_acc:
-                best_acc = v
-            rng = dist.rng_fields(rng=get_rng_state())
-            if dist.main:
-                save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="ALQ-resume", next=step,
-                           best_acc=best_acc, quantlab=ident, model_ori_sha256=ori_sha, **rng)
-            ctl.epoch_end()
-    if dist.main:
-        save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True, quantlab=ident,
-                   model_ori_sha256=ori_sha)
-        if os.path.exists(rpath):
-            os.remove(rpath)
-    ctx.stage_done("ALQ")
+                               quantlab=st.ident, model_ori_sha256=st.sha)
+            elif v > st.best_acc:
+                st.best_acc = v
+            st.step_done(step)
+    st.finish(lambda: save_model(args.model, net, optimizer_w, optimizer_b, params_bin, stage="ALQ", finished=True,
+                                 quantlab=st.ident, model_ori_sha256=st.sha))
     return net, params_bin
 
 
@@ -244,15 +266,10 @@ def posttrain(ctx):
     legacy_flip = not args.fix_sign_flip
     net = ctx.build_net().to(device)
     out = model_post_path(args)
-    rpath = resume_path(out)
     ste_epochs, coord_epochs = ctx.post_epochs
     sched = [("ste", e) for e in range(ste_epochs)] + [("coord", e) for e in range(coord_epochs)]
-    rck = None
-    if args.resume and os.path.exists(rpath):
-        rck, model_sha, ident, (params_w, params_b, params_bin, optimizer_w, optimizer_b, start, best_acc) = \
-            resume_checked(ctx, rpath, net, "POSTTRAIN", "model_sha256", args.model, "--model", len(sched),
-                           legacy_flip)
-    else:
+
+    def begin():
         log.info(f"load quantized model {args.model} ...")
         ck, params_w, params_b, params_bin = load_quantized(args.model, net, legacy_flip)
         src = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
@@ -277,62 +294,40 @@ def posttrain(ctx):
         if dist.main:
             save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=0,
                        val_top1=best_acc, quantlab=ident, model_sha256=model_sha)
-        start = 0
-    opts = (optimizer_w, optimizer_b)
-    fwd = dist.wrap(net)
-    ctl = ctx.interruptible(rpath, lambda **kw: save_model(rpath, net, optimizer_w, optimizer_b, params_bin,
-                                                           stage="POSTTRAIN-resume", next=i, best_acc=best_acc,
-                                                           quantlab=ident, model_sha256=model_sha, **kw), rck)
-    eta = runs.ETA(len(sched), start)
+        return params_w, params_b, params_bin, optimizer_w, optimizer_b, best_acc, ident, model_sha
+    st = QuantizedStage(ctx, net, "POSTTRAIN", resume_path(out), len(sched), ("model_sha256", args.model, "--model"),
+                        legacy_flip, begin)
+    optimizer_w, optimizer_b, params_bin = st.optimizer_w, st.optimizer_b, st.params_bin
     with interrupt.armed():
-        for i in range(start, len(sched)):
+        for i in range(st.start, len(sched)):
             phase, e = sched[i]
-            if not ctl.mid_epoch:                 # (a resumed epoch's learning rates are in its optimizers)
+            if not st.ctl.mid_epoch:              # (a resumed epoch's learning rates are in its optimizers)
                 if phase == "coord" and e == 0 and ctx.post_coord_lr is not None:
-                    set_lr(opts, ctx.post_coord_lr)
-                scale_lr(opts, 0.95 if phase == "ste" else 0.9)
+                    set_lr(st.opts, ctx.post_coord_lr)
+                scale_lr(st.opts, 0.95 if phase == "ste" else 0.9)
             n_phase = ste_epochs if phase == "ste" else coord_epochs
-            ctl.where = f"POSTTRAIN step {i + 1}/{len(sched)} ({phase} {epoch_label(e, n_phase)})"
+            st.at(i, f"POSTTRAIN step {i + 1}/{len(sched)} ({phase} {epoch_label(e, n_phase)})")
             t0 = time.time()
             kw = dict(desc=f"ste {e + 1}/{n_phase}" if phase == "ste" else f"post coord {e + 1}/{n_phase}",
-                      **ctx.train_kw(ctl))
+                      **ctx.train_kw(st.ctl))
             train = train_basis_STE if phase == "ste" else train_coordinate
-            s = train(fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
-            ctx.epoch_done(net, params_bin, ctl.where)
+            s = train(st.fwd, ctx.train_loader, ctx.loss_func, optimizer_w, optimizer_b, params_bin, device, **kw)
+            ctx.epoch_done(net, params_bin, st.ctl.where)
             v = ctx.report_epoch(net, "posttrain", f"POSTTRAIN {phase} {epoch_label(e, n_phase)}",
-                                 optimizer_w.param_groups[0]['lr'], s, time.time() - t0, eta.line(i + 1), i + 1)
+                                 optimizer_w.param_groups[0]['lr'], s, time.time() - t0, st.eta.line(i + 1), i + 1)
             log.flush()
-            if v > best_acc:
-                best_acc = v
+            if v > st.best_acc:
+                st.best_acc = v
                 if dist.main:
                     save_model(out, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN", epoch=i + 1,
-                               val_top1=v, quantlab=ident, model_sha256=model_sha)
-            rng = dist.rng_fields(rng=get_rng_state())
-            if dist.main:
-                save_model(rpath, net, optimizer_w, optimizer_b, params_bin, stage="POSTTRAIN-resume", next=i + 1,
-                           best_acc=best_acc, quantlab=ident, model_sha256=model_sha, **rng)
-            ctl.epoch_end()
-    if dist.main:
-        mark_finished(out)
-        if os.path.exists(rpath):
-            os.remove(rpath)
-    ctx.stage_done("POSTTRAIN")
+                               val_top1=v, quantlab=st.ident, model_sha256=st.sha)
+            st.step_done(i + 1)
+    st.finish(lambda: mark_finished(out))
     return net, params_bin
 
 
 # ---------------------------------------------------------------------------------------------------
-# The whole run: stages, then evaluation of the final quantized model, result records and export
-
-
-def published(arch, dataset):
-    """The paper's row for this model ({metric: value}) from common/published/alq.json, or {}."""
-    try:
-        from common.compare import load_published
-        rows = load_published("alq")["rows"]
-    except Exception:  # noqa: BLE001 - the table is informative only
-        return {}
-    return {r["metric"]: r["value"] for r in rows if r["model"] == arch and r["dataset"] == dataset
-            and r["setting"] == "ALQ"}
+# The whole run: checks and plan, the stages, then the final quantized model (alq/final.py)
 
 
 def run_pipeline(args, arch, dataset, build_net, make_loaders, pretrain_recipe, post_coord_lr=None,
@@ -418,70 +413,3 @@ def run_stages(ctx, links, pretrain_recipe):
             if name in links and dist.main:       # the original's documented path -> this run's file
                 runs.link_latest(out, links[name], say=log.info)
     return ran, times
-
-
-def finish_pipeline(ctx, run_dir, ran, times, dataset, split_name="test"):
-    """Evaluate the final quantized model (after --export, the one rebuilt from the packed file) and record it."""
-    args, log, dist, device, arch, build_net = ctx.args, ctx.log, ctx.dist, ctx.device, ctx.arch, ctx.build_net
-    if ran == ["PRETRAIN"] and not args.export:
-        runs.end_run()
-        dist.close()
-        return
-    src = _final_model(args, ran)
-    net = build_net().to(device)
-    ck, _, _, params_bin = load_quantized(src, net, not args.fix_sign_flip)
-    posttrained = str(ck.get("stage", "")).startswith("POSTTRAIN")
-    setting = "ALQ" if posttrained else "ALQ-before-POSTTRAIN"
-    switches = [f"--{k}" for k in _SWITCHES[1:] if getattr(args, k, False)]
-    if switches:                                  # not the published behaviour: never pooled with the ALQ row
-        setting += " " + " ".join(switches)
-    ident = ck.get(IDENTITY_KEY) if isinstance(ck.get(IDENTITY_KEY), dict) else None
-    recipe = (ident or {}).get("recipe")
-    if not ck.get("finished"):                    # a half-finished stage output is never the final result
-        recipe = dict(recipe or {}, full=False,
-                      summary=f"{(recipe or {}).get('summary', 'recipe not recorded')}; {ck.get('stage')} not finished")
-        log.info(f"note: {src} is not a finished stage output (stage {ck.get('stage')}); recorded as shortened")
-    bits, skb = average_bitwidth(params_bin), storage_KB(params_bin)
-    log.info(f"final quantized model {src} ({ck.get('stage')}):\n{bit_report(params_bin)}")
-    extra = {"source": os.path.abspath(src), "stage": ck.get("stage"), "seed": args.seed, "KB": f"{KB} bytes",
-             **storage_breakdown(params_bin), "layer_bits": layer_bits(params_bin),
-             "stage_minutes": {k: round(v / 60, 2) for k, v in times.items()}}
-    if dist.enabled:
-        extra["world_size"] = dist.world
-    packed_kb = None
-    if args.export and dist.main:                 # rank 0 writes and checks the file; all evaluate the model
-        size = export_packed(args.export, arch, net, params_bin)
-        net2 = build_net().to(device)
-        load_packed(args.export, net2, arch=arch)
-        net.eval()
-        net2.eval()
-        x, _ = next(iter(ctx.test_loader))
-        with torch.no_grad():
-            same = torch.equal(net(x.to(device)), net2(x.to(device)))
-        if not same:
-            raise RuntimeError(f"packed model {args.export} does not reproduce the network's outputs bit for bit")
-        packed_kb = size / KB
-        log.info(f"exported {args.export}: {size} bytes = {packed_kb:.2f} KB on disk (inferred weight storage "
-                 f"{skb:.2f} KB); reloaded outputs are bit-identical")
-        net = net2  # the numbers below are measured on the model rebuilt from the packed file
-        extra["packed_file"] = os.path.abspath(args.export)
-    s = ctx.evaluate(net, "test")
-    if not dist.main:
-        dist.close()
-        return
-    log.info(f"RESULT {arch} {dataset} {setting}: top1 {s['top1']:.2f}%  avg bits {bits:.4f}  "
-             f"storage {skb:.2f} KB" + (f"  packed file {packed_kb:.2f} KB" if packed_kb is not None else ""))
-    pub = published(arch, dataset)
-    if pub:
-        log.info("PAPER  " + "  ".join(f"{k} {v:g}" for k, v in pub.items()) + "  (README, storage in KB)")
-    n = s["n"]
-    record("alq", arch, dataset, split_name, setting, "top1", s["top1"], n, extra=extra, recipe=recipe)
-    record("alq", arch, dataset, "n/a", setting, "avg_bits", bits, n, extra=extra, recipe=recipe)
-    record("alq", arch, dataset, "n/a", setting, "storage_KB", skb, n, extra=extra, recipe=recipe)
-    if packed_kb is not None:
-        record("alq", arch, dataset, "n/a", setting, "packed_KB", packed_kb, n, extra=extra, recipe=recipe)
-    # record() says where on the console only; log.txt says it too
-    log.detail(f"records appended to {os.path.join(results_dir(), 'alq.jsonl')} and "
-               f"{os.path.join(run_dir, 'records.jsonl')}")
-    runs.end_run()
-    dist.close()

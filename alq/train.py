@@ -6,16 +6,16 @@ The stages that use them (PRETRAIN, ALQ, POSTTRAIN) and the whole run are in sta
 options.py, the checkpoints in checkpoints.py, several processes in distributed.py."""
 import torch
 
-from binarynet import average_bitwidth, make_binary_layers, split_parameters
-from checkpoints import save_model, save_model_ori  # noqa: F401  (the original's train.py names)
+from alq.binarynet import average_bitwidth, make_binary_layers, split_parameters
+from alq.checkpoints import save_model, save_model_ori  # noqa: F401  (the original's train.py names)
+from alq.distributed import Dist
+from alq.myoptimizer import ALQ_optimizer
+from alq.options import check_layer_flags, stage_flags
 from common import interrupt
 from common.device import get_rng_state, set_rng_state
 from common.errors import UserError
 from common.identity import identity
 from common.meters import progress
-from distributed import Dist
-from myoptimizer import ALQ_optimizer
-from options import check_layer_flags, stage_flags
 
 
 TOPK = (1, 5)
@@ -372,3 +372,9 @@ def set_lr(optimizers, lr):
 def scale_lr(optimizers, factor):
     for opt in optimizers:
         opt.param_groups[0]["lr"] *= factor
+
+
+def lr_x02_every_30(optimizer, epoch):
+    """The PRETRAIN schedule of the original's LeNet5 and VGG scripts: lr *= 0.2 at epochs 0, 30, 60, 90."""
+    if epoch % 30 == 0:
+        optimizer.param_groups[0]["lr"] *= 0.2

@@ -6,11 +6,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
+from alq.options import alq_argparser
+from alq.stages import pretrain, run_pipeline
+from alq.train import lr_x02_every_30, split_indices
 from common.data import cifar10
 from common.errors import run_main
-from options import alq_argparser
-from stages import pretrain, run_pipeline
-from train import split_indices
 
 DEFAULTS = dict(val_size=5000, model_ori="./vgg_small_model_ori.pth", model="./vgg_small_model.pth", lr=1e-3, R=5,
                 epoch_basis=20, epoch_coord=10, ld_coord=0.8, pr=0.4, top_k=0.002,
@@ -68,10 +68,7 @@ def make_loaders(args):
 
 def pretrain_recipe(ctx):
     """Adam lr 5e-2, lr *= 0.2 at epochs 0, 30, 60, 90; the best-validation model is kept."""
-    def lr_schedule(optimizer, epoch):
-        if epoch % 30 == 0:
-            optimizer.param_groups[0]["lr"] *= 0.2
-    return pretrain(ctx, lambda net: torch.optim.Adam(net.parameters(), lr=5e-2), lr_schedule,
+    return pretrain(ctx, lambda net: torch.optim.Adam(net.parameters(), lr=5e-2), lr_x02_every_30,
                     ctx.args.pretrain_epochs)
 
 

@@ -25,7 +25,6 @@ import torch
 from common import REPO_ROOT
 from common.runlog import cpu_name
 
-ALQ_DIR = os.path.join(REPO_ROOT, "alq")
 CASES = {"lenet5_fc1": dict(shape=(500, 800), structure="subchannelwise", subc=2, max_bit=6),
          "resnet18_layer4_3x3": dict(shape=(512, 512, 3, 3), structure="pixelwise", subc=0, max_bit=8)}
 
@@ -58,8 +57,7 @@ def _reset_peak():
 
 def run_case(name, method, repeats, threads):
     """In the subprocess: build the layer, time `repeats` code searches, measure the peak of one."""
-    sys.path.insert(0, ALQ_DIR)
-    import binarynet as bn
+    from alq import binarynet as bn, fastpath, search
     from common.device import get_device
     torch.set_num_threads(threads)
     dev = get_device()
@@ -75,30 +73,31 @@ def run_case(name, method, repeats, threads):
     layer.mask &= (torch.rand(layer.mask.shape, generator=g) > 0.33).to(dev)
     layer.alpha = layer.alpha * layer.mask
     target = layer.to_groups(layer.w_FP + torch.randn(w.shape, generator=g).to(dev) * 1e-3)
-    search = {"fast": bn.nearest_code_fast, "sorted": bn.nearest_code, "dense": bn.nearest_code_dense}[method]
+    find = {"fast": fastpath.nearest_code_fast, "sorted": search.nearest_code,
+            "dense": search.nearest_code_dense}[method]
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    code = search(target, layer.alpha, layer.bit_table)
+    code = find(target, layer.alpha, layer.bit_table)
     sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        code = search(target, layer.alpha, layer.bit_table)
+        code = find(target, layer.alpha, layer.bit_table)
         sync()
         times.append(time.perf_counter() - t0)
     del code
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        code = search(target, layer.alpha, layer.bit_table)
+        code = find(target, layer.alpha, layer.bit_table)
         sync()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _status("VmRSS")
         ok = _reset_peak()
-        code = search(target, layer.alpha, layer.bit_table)
+        code = find(target, layer.alpha, layer.bit_table)
         peak = _status("VmHWM") - base if ok else None
     print(json.dumps({"seconds": statistics.median(times), "peak_bytes": peak, "device": str(dev),
                       "codes": int(code.sum()), "weights": int(w.numel()), "M": c["max_bit"]}))

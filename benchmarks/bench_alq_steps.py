@@ -18,26 +18,24 @@ import copy
 import os
 import random
 import statistics
-import sys
 import time
 
 import torch
 
 from benchlib import append_rows, environment
 
+from alq import lenet5, native
+from alq.binarynet import split_parameters
+from alq.myoptimizer import ALQ_optimizer
+from alq.train import initialize
 from common import REPO_ROOT
 from common.device import get_device
 from common.errors import cli
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "alq"))
-import lenet5  # noqa: E402  (the ALQ scripts' top-level module names)
-from binarynet import _native_lib, split_parameters  # noqa: E402
-from myoptimizer import ALQ_optimizer  # noqa: E402
-from train import initialize  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rounds", type=int, default=15, help="round-robin rounds; each times every case once (median)")
-parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the issue's setting)")
+parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 parser.add_argument("--batch", type=int, default=128, help="batch size (default 128: LeNet5's)")
 parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "bench", "alq_steps.csv"))
 
@@ -61,10 +59,12 @@ def main():
     qnet0 = copy.deepcopy(net0)
     layers0 = initialize(qnet0, d["structure"], d["subc"], d["max_bit"])[2]
 
-    def make_alq(mode):
+    def make_alq(mode, path):
         net = copy.deepcopy(qnet0)
         _, params_w, params_b = split_parameters(net)
         layers = copy.deepcopy(layers0)  # the same initialisation for every case
+        for layer in layers:  # the path the layer would choose when built under that environment
+            layer.reference, layer.compiled = path
         opt_w, opt_b = ALQ_optimizer(params_w, lr=1e-3), torch.optim.Adam(params_b)
 
         def update():
@@ -72,16 +72,16 @@ def main():
             opt_w.step(layers, mode)
         return net, update
 
-    # path -> (QUANTLAB_ALQ_REFERENCE, QUANTLAB_ALQ_NATIVE); "eager-search": the fast step without the compiled search
-    paths = {"fast": ("", "1"), "eager-search": ("", "0"), "reference": ("1", "1")}
-    cases = {"plain": (make_plain(), paths["fast"])}
+    # path -> (reference, compiled): QUANTLAB_ALQ_REFERENCE=1, QUANTLAB_ALQ_NATIVE=0 for "eager-search" (the fast
+    # step without the compiled search)
+    paths = {"fast": (False, True), "eager-search": (False, False), "reference": (True, True)}
+    cases = {"plain": make_plain()}
     for mode in ("coordinate", "basis", "ste"):
         for path in ("fast", "eager-search", "reference") if mode != "coordinate" else ("fast", "reference"):
-            cases[f"{mode} {path}"] = (make_alq(mode), paths[path])
+            cases[f"{mode} {path}"] = make_alq(mode, paths[path])
 
     def run(case):
-        (net, update), env = cases[case]
-        os.environ["QUANTLAB_ALQ_REFERENCE"], os.environ["QUANTLAB_ALQ_NATIVE"] = env
+        net, update = cases[case]
         net.zero_grad(set_to_none=True)
         loss_func(net(x), y).backward()
         update()
@@ -102,9 +102,7 @@ def main():
             sync()
             cpu[c].append(time.thread_time() - c0)
             wall[c].append(time.perf_counter() - t0)
-    for k in ("QUANTLAB_ALQ_REFERENCE", "QUANTLAB_ALQ_NATIVE"):
-        os.environ.pop(k, None)
-    native = "compiled" if _native_lib() is not None else "unavailable"
+    compiled = "compiled" if native.library() is not None else "unavailable"
     med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
     med_wall = {c: statistics.median(v) for c, v in wall.items()}
     env = environment(device)
@@ -115,7 +113,7 @@ def main():
         rows.append({**env, "model": "lenet5", "batch": args.batch, "step": step, "path": path or "-",
                      "cpu_ms": round(med_cpu[c] * 1e3, 2), "wall_ms": round(med_wall[c] * 1e3, 2),
                      "ratio_to_plain_cpu": round(r_cpu, 3), "ratio_to_plain_wall": round(r_wall, 3),
-                     "rounds": args.rounds, "compiled_search": native})
+                     "rounds": args.rounds, "compiled_search": compiled})
         print(f"{c:22s} cpu {med_cpu[c] * 1e3:8.1f} ms ({r_cpu:4.2f}x plain)   wall {med_wall[c] * 1e3:8.1f} ms "
               f"({r_wall:4.2f}x plain)")
     for mode in ("coordinate", "basis", "ste"):
@@ -123,7 +121,7 @@ def main():
         print(f"{mode:10s} fast is {r / f:4.2f}x faster than reference (cpu)")
     for mode in ("basis", "ste"):
         f, e = med_cpu[f"{mode} fast"], med_cpu[f"{mode} eager-search"]
-        print(f"{mode:10s} compiled search ({native}): step {e / f:4.2f}x faster than with the eager search (cpu)")
+        print(f"{mode:10s} compiled search ({compiled}): step {e / f:4.2f}x faster than with the eager search (cpu)")
     append_rows(args.out, rows)
 
 

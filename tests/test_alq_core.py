@@ -130,8 +130,8 @@ def test_layer_init_reconstruction_and_bits():
 
 def _check_search(target, alpha, M):
     table = bn.construct_bit_table(M)
-    fast = bn.nearest_code(target, alpha, table)
-    dense = bn.nearest_code_dense(target, alpha, table)
+    fast = A.search.nearest_code(target, alpha, table)
+    dense = A.search.nearest_code_dense(target, alpha, table)
     # exact: both paths compare the same float32 distances (same values, same machine, same process); the fast
     # path promises the dense path's answer, ties and rounding included
     assert torch.equal(fast, dense)
@@ -150,12 +150,12 @@ def test_fast_search_ties_resolve_to_lowest_code():
     M = 4
     table = bn.construct_bit_table(M)
     alpha = torch.tensor([0.5, 0.5, 0.25, 0.0]).view(1, 1, M, 1)  # equal coordinates and a pruned one
-    values = bn.representable_values(alpha, table).view(-1)
+    values = A.search.representable_values(alpha, table).view(-1)
     uniq = torch.unique(values)
     mids = (uniq[1:] + uniq[:-1]) / 2  # exactly half-way: equal distance to both neighbours
     target = torch.cat([values, mids, uniq - 1e-3, uniq + 1e-3, torch.tensor([-9., 9.])]).view(1, 1, -1)
     _check_search(target, alpha, M)
-    code = bn.nearest_code(values.view(1, 1, -1), alpha, table).view(-1)
+    code = A.search.nearest_code(values.view(1, 1, -1), alpha, table).view(-1)
     # a value that several codes produce is given the lowest of them
     for c, v in enumerate(values.tolist()):
         assert int(code[c]) == int((values == v).nonzero()[0])

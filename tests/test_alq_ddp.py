@@ -1,4 +1,4 @@
-"""Issue 15: ALQ under torchrun (DistributedDataParallel; here 2 CPU processes with gloo) on a tiny generated
+"""ALQ under torchrun (DistributedDataParallel; here 2 CPU processes with gloo) on a tiny generated
 ImageFolder through resnet.py: both processes hold the same masks, coordinates, bases and bits; the 2-process run
 equals a 1-process run with the same total batch up to float rounding; a killed 2-process run resumes exactly.
 
@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ALQ = os.path.join(os.path.dirname(HERE), "alq")
 N_LAYERS = 7                      # quantized layers of TinyResNet: conv1, 2 + 3 block convs, the 1x1 shortcut, fc
 
 
@@ -84,10 +82,7 @@ def rank_main(argv):
     """One process of a 2-process job: resnet.py with the tiny net. Hooks: ALQ_TEST_DUMP=dir writes this process's
     ALQ and POSTTRAIN end state there; ALQ_TEST_STOP=n makes rank 0 send itself SIGTERM during its n-th ALQ
     update (a batch of the ALQ stage); ALQ_TEST_NORM=batch uses BatchNorm."""
-    sys.path.insert(0, ALQ)
-    import resnet
-    import stages
-    import train
+    from alq import resnet, stages, train
     from common.errors import run_main
     rank = int(os.environ["RANK"])
     patch_resnet(resnet, os.environ.get("ALQ_TEST_NORM", "group"))

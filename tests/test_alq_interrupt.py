@@ -1,4 +1,4 @@
-"""Issue 9 on ALQ: an interrupt (SIGINT/SIGTERM, common.interrupt) stops a stage after the current batch with a
+"""ALQ: an interrupt (SIGINT/SIGTERM, common.interrupt) stops a stage after the current batch with a
 resumable checkpoint, and `--resume` continues from that batch to the same end as the uninterrupted run.
 
 Tiny generated MNIST (100 training images = 4 batches of 32), LeNet5, in-process. The signal is simulated by

@@ -1,5 +1,6 @@
 """ALQ scripts as a user runs them: documented commands, defaults, stages run separately, resume, export,
 errors; tiny generated data by default, real MNIST / tiny CIFAR / tiny ImageNet runs marked slow."""
+import ast
 import json
 import os
 
@@ -71,6 +72,24 @@ def test_help_as_a_user_runs_it(tmp_path):
     res = _run(["lenet5.py", "-h"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert all(f in res.stdout for f in FLAGS) and "(default: 0.005)" in res.stdout
+
+
+@pytest.mark.parametrize("script", ["lenet5.py", "vgg.py", "resnet.py"])
+def test_a_script_imports_its_modules_once_from_the_package(script, tmp_path):
+    """Run from alq/ (that directory first on sys.path, as `python lenet5.py` has it), a script takes every module
+    from the package alq and none a second time under its flat name (two copies of a module: two sets of globals,
+    two classes of the same name)."""
+    code = ("import os, runpy, sys\n"
+            f"sys.argv = [{script!r}, '-h']\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "here = os.path.abspath('.') + os.sep\n"
+            "print(sorted(k for k, m in list(sys.modules.items())\n"
+            "             if (getattr(m, '__file__', None) or '').startswith(here)))\n")
+    res = _run(["-c", code], tmp_path)
+    assert res.returncode == 0, res.stderr
+    mods = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    assert {"alq.binarynet", "alq.fastpath", "alq.native", "alq.stages", "alq.train"} <= set(mods), mods
+    assert all(k == "alq" or k.startswith("alq.") for k in mods), mods
 
 
 @pytest.mark.parametrize("script", ["vgg", "resnet"])

@@ -65,7 +65,7 @@ def _search_cases(M):
             alpha[1, 2, 0] = float("inf")
         if case == 7:  # subnormal values: the gap test's 2^-126 floor
             alpha = alpha * 1e-39
-        values = bn.representable_values(alpha, table).view(d0, d1, -1)
+        values = A.search.representable_values(alpha, table).view(d0, d1, -1)
         target = torch.randn(d0, d1, n, generator=g) * (1e-39 if case == 7 else 2)
         if case in (1, 2, 4, 7):
             target = _targets_on_values(values, g, n)
@@ -79,11 +79,11 @@ def _search_cases(M):
 def test_fast_search_equals_dense_and_sorted(M):
     table = bn.construct_bit_table(M)
     for case, alpha, target in _search_cases(M):
-        dense = bn.nearest_code_dense(target, alpha, table)
-        fast = bn.nearest_code_fast(target, alpha, table)
+        dense = A.search.nearest_code_dense(target, alpha, table)
+        fast = A.fastpath.nearest_code_fast(target, alpha, table)
         assert fast.dtype == torch.int64
         assert torch.equal(fast, dense), (M, case)
-        assert torch.equal(bn.nearest_code(target, alpha, table), dense), (M, case)
+        assert torch.equal(A.search.nearest_code(target, alpha, table), dense), (M, case)
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,29 +105,29 @@ def _have_cc():
 @pytest.mark.skipif(not _have_cc(), reason="no C compiler: the eager search runs instead (tested above)")
 @pytest.mark.parametrize("M", [1, 2, 3, 6, 8])
 def test_native_search_equals_eager_and_dense(M):
-    """alq/nearest_code.c gives the eager search's codes (same dtype) and the dense argmin's, on every case."""
+    """alq/basis_step.c's search gives the eager search's codes (same dtype) and the dense argmin's, on every case."""
     table = bn.construct_bit_table(M)
     for case, alpha, target in _search_cases(M):
         d0, d1, n = target.shape
-        values = bn.representable_values(alpha, table).reshape(d0 * d1, -1)
-        eager = bn._nearest_code_fast(target.reshape(-1, n), values)
-        native = bn.nearest_code_native(target.reshape(-1, n), values)
+        values = A.search.representable_values(alpha, table).reshape(d0 * d1, -1)
+        eager = A.fastpath._nearest_code_fast(target.reshape(-1, n), values)
+        native = A.native.nearest_code_native(target.reshape(-1, n), values)
         assert native is not None and native.dtype == eager.dtype == torch.uint8
         assert torch.equal(native, eager), (M, case)
-        assert torch.equal(native.long().view(d0, d1, n), bn.nearest_code_dense(target, alpha, table)), (M, case)
+        assert torch.equal(native.long().view(d0, d1, n), A.search.nearest_code_dense(target, alpha, table)), (M, case)
     # a non-contiguous target (pixelwise groups are a transposed view) is read correctly
     t = torch.randn(37, 15).t()
-    v = bn.representable_values(torch.rand(15, M, 1), table).reshape(15, -1)
-    assert torch.equal(bn.nearest_code_native(t, v), bn._nearest_code_fast(t.contiguous(), v))
+    v = A.search.representable_values(torch.rand(15, M, 1), table).reshape(15, -1)
+    assert torch.equal(A.native.nearest_code_native(t, v), A.fastpath._nearest_code_fast(t.contiguous(), v))
 
 
 def test_native_search_applies_only_where_it_can(monkeypatch):
     """Codes wider than uint8 (M = 9), other dtypes and QUANTLAB_ALQ_NATIVE=0 leave the work to the eager search."""
     t = torch.randn(4, 10)
-    assert bn.nearest_code_native(t, torch.randn(4, 512)) is None
-    assert bn.nearest_code_native(t.double(), torch.randn(4, 64).double()) is None
+    assert A.native.nearest_code_native(t, torch.randn(4, 512)) is None
+    assert A.native.nearest_code_native(t.double(), torch.randn(4, 64).double()) is None
     monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", "0")
-    assert bn.nearest_code_native(t, torch.randn(4, 64)) is None
+    assert A.native.nearest_code_native(t, torch.randn(4, 64)) is None
 
 
 def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp_path, capsys):
@@ -135,19 +135,19 @@ def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp
     compiler there is no library and basis steps still give the reference's tensors."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     if _have_cc():
-        monkeypatch.setattr(bn, "_NATIVE", {})
-        assert bn._native_lib() is not None
+        monkeypatch.setattr(A.native, "_NATIVE", {})
+        assert A.native.library() is not None
         built = list((tmp_path / "cache").iterdir())
         assert len(built) == 1 and built[0].name.startswith("alq_basis_step-") and built[0].suffix == ".so"
         mtime = built[0].stat().st_mtime_ns
-        monkeypatch.setattr(bn, "_NATIVE", {})
-        assert bn._native_lib() is not None and built[0].stat().st_mtime_ns == mtime
-    monkeypatch.setattr(bn, "_NATIVE", {})
+        monkeypatch.setattr(A.native, "_NATIVE", {})
+        assert A.native.library() is not None and built[0].stat().st_mtime_ns == mtime
+    monkeypatch.setattr(A.native, "_NATIVE", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache2"))
-    assert bn._native_lib() is None
+    assert A.native.library() is None
     assert capsys.readouterr().err.count("note: ALQ's compiled basis step is not available (no C compiler") == 1
-    assert bn.nearest_code_native(torch.randn(4, 10), torch.randn(4, 64)) is None
+    assert A.native.nearest_code_native(torch.randn(4, 10), torch.randn(4, 64)) is None
     assert capsys.readouterr().err == ""  # said once per process
     assert not any(p.suffix == ".so" for p in (tmp_path / "cache2").iterdir())  # no half-built file left
     torch.manual_seed(0)
@@ -159,6 +159,26 @@ def test_native_build_is_cached_and_missing_compiler_falls_back(monkeypatch, tmp
     ref.update_w_FP()
     for k in ("B", "alpha", "w_FP"):
         assert_same(getattr(fast, k), getattr(ref, k), k)
+
+
+def test_a_layer_keeps_the_path_it_was_built_with(monkeypatch):
+    """QUANTLAB_ALQ_REFERENCE and QUANTLAB_ALQ_NATIVE are read when a layer is built, not at every step: a layer
+    built under them keeps the reference path (no code table read) and the eager code after they change."""
+    monkeypatch.setenv("QUANTLAB_ALQ_REFERENCE", "1")
+    monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", "0")
+    torch.manual_seed(0)
+    w = torch.randn(6, 128)
+    ref = bn.FCLayer_bin(w, 0, "subchannelwise", 2, 6)            # n = 64 = 2^M: the fast path reads codes
+    monkeypatch.setenv("QUANTLAB_ALQ_REFERENCE", "")
+    monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", "1")
+    fast = bn.FCLayer_bin(w, 0, "subchannelwise", 2, 6)
+    assert (ref.reference, ref.compiled, fast.reference, fast.compiled) == (True, False, False, True)
+    assert ref._lib() is None
+    read = []
+    codes = bn.BinaryLayer._codes
+    monkeypatch.setattr(bn.BinaryLayer, "_codes", lambda self: read.append(self) or codes(self))
+    assert_same(ref.reconstruct_w(), fast.reconstruct_w())
+    assert read == [fast]
 
 
 # --------------------------------------------------------------------------------------------- reconstruction

@@ -1,4 +1,4 @@
-"""Issue 14 items 2-3: each ALQ stage is seeded from (--seed, stage), so a stage gives the same result however the
+"""Each ALQ stage is seeded from (--seed, stage), so a stage gives the same result however the
 pipeline was split into invocations; --resume never continues or skips a stage made under other flags.
 Tiny generated MNIST, in-process. Outputs of two runs on the same machine in the same kind of process are compared
 exactly: the same float operations run in the same order, so any difference is a different RNG stream."""

@@ -1,7 +1,5 @@
 """ALQ cross-layer pruning rank: the original's tie order (PyTorch 1.3 CPU quicksort, alq/legacy_sort.py) behind
 --stable_tie_order, and the original's order as the default."""
-import importlib.util
-import os
 import random
 
 import pytest
@@ -12,10 +10,7 @@ import alq_import
 A = alq_import.load()
 bn, opt_mod, train = A.binarynet, A.myoptimizer, A.train
 
-_spec = importlib.util.spec_from_file_location(
-    "alq_legacy_sort", os.path.join(alq_import.ALQ_DIR, "legacy_sort.py"))
-ls = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ls)
+ls = A.legacy_sort
 
 
 def _stable(keys):

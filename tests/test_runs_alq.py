@@ -1,4 +1,4 @@
-"""Issue 9 on ALQ: stage outputs are never overwritten without --resume/--overwrite, stage inputs remember the
+"""ALQ: stage outputs are never overwritten without --resume/--overwrite, stage inputs remember the
 sha256 of what they started from, shortened/unfinished stages are recorded as such, checks before work,
 `-h` without duplicated defaults. Tiny generated MNIST, in-process (ALQ stages take ~1 s each here)."""
 import json

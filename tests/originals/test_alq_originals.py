@@ -225,7 +225,7 @@ def test_alq_stages_bitwise(monkeypatch, path):
     monkeypatch.setenv("QUANTLAB_ALQ_REFERENCE", "1" if path == "reference" else "0")
     A = alq_import.load()
     if path == "native":
-        assert A.binarynet._native() is not None, "the compiled basis step did not build"
+        assert A.native.library() is not None, "the compiled basis step did not build"
     log, o, p = run_pair()
     assert first_difference(log) is None, f"first difference: {first_difference(log)}"
     assert [s for s, _, _ in log] == [s for s in STAGES for _ in range(STEPS)]
@@ -249,19 +249,24 @@ def patch_method(monkeypatch, cls, name, old, new):
     monkeypatch.setattr(cls, name, new_fn)
 
 
+def mutated_run(monkeypatch, cls, name, old, new, stages):
+    """The first differing iteration of run_pair (stage, i, keys) with method `name` of the class cls(A) of the
+    project rewritten (`old` -> `new`, patch_method), or None."""
+    def mutate(A, p):
+        patch_method(monkeypatch, cls(A), name, old, new)
+    first = first_difference(run_pair(stages=stages, mutate=mutate)[0])
+    print("first differing iteration:", first and (first[:2], first[2][:3]))
+    return first
+
+
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_mutation_least_squares_order_is_detected(monkeypatch, native):
     """B^-1 (B g) regrouped as (H^-1 B) g in the basis step's least squares: first differing iteration is
     basis step 0 (both paths)."""
     monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", native)
-
-    def mutate(A, p):
-        patch_method(monkeypatch, A.binarynet.BinaryLayer, "_least_squares",
-                     "alpha = -torch.matmul(inv, torch.matmul(Bf, revised_grad_w))",
-                     "alpha = -torch.matmul(torch.matmul(inv, Bf), revised_grad_w)")
-    log, _, _ = run_pair(stages=("basis",), mutate=mutate)
-    first = first_difference(log)
-    print("first differing iteration:", first[:2])
+    first = mutated_run(monkeypatch, lambda A: A.binarynet.BinaryLayer, "_least_squares",
+                        "alpha = -torch.matmul(inv, torch.matmul(Bf, revised_grad_w))",
+                        "alpha = -torch.matmul(torch.matmul(inv, Bf), revised_grad_w)", ("basis",))
     assert first is not None and first[:2] == ("basis", 0)
 
 
@@ -269,28 +274,20 @@ def test_mutation_least_squares_order_is_detected(monkeypatch, native):
 def test_mutation_amsgrad_eps_order_is_detected(monkeypatch, native):
     """eps added after the division by sqrt(1 - beta2^t) (torch >= 1.5 Adam algebra) instead of before."""
     monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", native)
-
-    def mutate(A, p):
-        patch_method(monkeypatch, A.myoptimizer.ALQ_optimizer, "_amsgrad",
-                     'denom = torch.sqrt(max_exp_avg_sq, out=ph_out).add_(group["eps"])',
-                     'denom = torch.sqrt(max_exp_avg_sq, out=ph_out).div_(math.sqrt(1 - beta2 ** state["step" + '
-                     'suffix])).add_(group["eps"]).mul_(math.sqrt(1 - beta2 ** state["step" + suffix]))')
-    log, _, _ = run_pair(stages=("basis", "coord"), mutate=mutate)
-    first = first_difference(log)
-    print("first differing iteration:", first[:2])
+    first = mutated_run(monkeypatch, lambda A: A.myoptimizer.ALQ_optimizer, "_amsgrad",
+                        'denom = torch.sqrt(max_exp_avg_sq, out=ph_out).add_(group["eps"])',
+                        'denom = torch.sqrt(max_exp_avg_sq, out=ph_out).div_(math.sqrt(1 - beta2 ** state["step" + '
+                        'suffix])).add_(group["eps"]).mul_(math.sqrt(1 - beta2 ** state["step" + suffix]))',
+                        ("basis", "coord"))
     assert first is not None and first[:2] == ("basis", 0)
 
 
 def test_mutation_second_moment_order_is_detected(monkeypatch):
     """AMSGrad's v = b2 v + (1 - b2) g g written as one expression (another rounding of the product) in a
     coordinate-only run."""
-    def mutate(A, p):
-        patch_method(monkeypatch, A.myoptimizer.ALQ_optimizer, "_amsgrad",
-                     "exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)",
-                     "exp_avg_sq.copy_(exp_avg_sq * beta2 + (1 - beta2) * grad * grad)")
-    log, _, _ = run_pair(stages=("coord",), mutate=mutate)
-    first = first_difference(log)
-    print("first differing iteration:", first[:2])
+    first = mutated_run(monkeypatch, lambda A: A.myoptimizer.ALQ_optimizer, "_amsgrad",
+                        "exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)",
+                        "exp_avg_sq.copy_(exp_avg_sq * beta2 + (1 - beta2) * grad * grad)", ("coord",))
     assert first is not None and first[:2] == ("coord", 1)   # step 0 rounds the same: v starts at 0
 
 
@@ -389,12 +386,7 @@ def test_mutation_ste_shadow_step_is_detected(monkeypatch):
     """The eager STE shadow step w_FP += -pg/ph written as w_FP -= pg * (1/ph): another rounding, first
     differing iteration STE 0 (the shadow weights w_FP)."""
     monkeypatch.setenv("QUANTLAB_ALQ_NATIVE", "0")
-
-    def mutate(A, p):
-        patch_method(monkeypatch, A.binarynet.BinaryLayer, "basis_step",
-                     "self.w_FP.add_(-pseudo_grad / pseudo_hessian)",
-                     "self.w_FP.sub_(pseudo_grad * (1 / pseudo_hessian))")
-    log, _, _ = run_pair(stages=("ste",), mutate=mutate)
-    first = first_difference(log)
-    print("first differing iteration:", first[:2], first[2][:3])
+    first = mutated_run(monkeypatch, lambda A: A.binarynet.BinaryLayer, "basis_step",
+                        "self.w_FP.add_(-pseudo_grad / pseudo_hessian)",
+                        "self.w_FP.sub_(pseudo_grad * (1 / pseudo_hessian))", ("ste",))
     assert first is not None and first[:2] == ("ste", 0)
