@@ -8,8 +8,8 @@
   a reader takes in at once); the files already over it are listed and the list can only shrink;
 - one import style: `from <package>.<module> import ...` (the packages `pip install -e .` installs), never a
   relative import, a paper module by its bare name, or an edit of sys.path;
-- no comment, docstring or Markdown line names an issue number: it says the reason instead (an issue number means nothing
-  to a reader of the code, and issue trackers move);
+- no comment, docstring or Markdown line names an issue number: it says the reason instead (an issue number
+  means nothing to a reader of the code, and issue trackers move);
 - every file compiles, and `import *` appears only as a package __init__'s marked re-export.
 """
 import ast
@@ -198,19 +198,26 @@ def star_imports(root=REPO_ROOT):
 
 # ------------------------------------------------------------------------------------------------------------
 
+def tree(tmp_path, files):
+    """A repository-shaped folder for a check's own test: every scanned top folder, plus `files` {rel: text}."""
+    for top in SCANNED:
+        os.makedirs(tmp_path / top)
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    return str(tmp_path)
+
+
 def test_papers_never_import_another_paper_and_common_never_imports_a_paper():
     assert boundary_violations() == []
 
 
 def test_the_boundary_check_sees_a_cross_paper_import(tmp_path):
-    for top in SCANNED:
-        os.makedirs(tmp_path / top)
-    (tmp_path / "alq" / "binarynet.py").write_text("")
-    (tmp_path / "fdda" / "a.py").write_text("def f():\n    from apot.alphas import x\n")
-    (tmp_path / "dambq" / "b.py").write_text("import binarynet\n")
-    (tmp_path / "common" / "c.py").write_text("from . import data\nimport importlib\n"
-                                              "importlib.import_module('alignq.engine')\n")
-    assert boundary_violations(str(tmp_path)) == [
+    root = tree(tmp_path, {"alq/binarynet.py": "", "fdda/a.py": "def f():\n    from apot.alphas import x\n",
+                           "dambq/b.py": "import binarynet\n",
+                           "common/c.py": "from . import data\nimport importlib\n"
+                                          "importlib.import_module('alignq.engine')\n"})
+    assert boundary_violations(root) == [
         "common/c.py: imports alignq.engine (alignq)",
         "dambq/b.py: imports binarynet (a module of alq/)",
         "fdda/a.py: imports apot.alphas (apot)",
@@ -251,19 +258,15 @@ def test_no_comment_names_an_issue_number():
 
 
 def test_the_issue_number_check_sees_comments_and_docstrings(tmp_path):
-    for top in SCANNED:
-        os.makedirs(tmp_path / top)
-    (tmp_path / "apot" / "a.py").write_text('"""Stop at a batch\n(Issue #13)."""\nx = 1  # see issue 9\n'
-                                            'y = "issues"  # 9 lives\n')
-    (tmp_path / "fdda" / "r.sh").write_text("echo 1  # issue 14 item 2\n")
-    (tmp_path / "alq" / "train.py").write_text("# issue 9\n")
-    os.makedirs(tmp_path / "tests")
-    (tmp_path / "tests" / "test_x.py").write_text('"""Issue 9, honest results."""\n')
-    (tmp_path / "dambq" / "DEVIATIONS.md").write_text("# Fixed\n\n* Run layout (issue 9): ...\n")
-    assert issue_number_mentions(str(tmp_path), skip=("alq/train.py",)) == [
+    root = tree(tmp_path, {"apot/a.py": '"""Stop at a batch\n(Issue #13)."""\nx = 1  # see issue 9\n'
+                                        'y = "issues"  # 9 lives\n',
+                           "fdda/r.sh": "echo 1  # issue 14 item 2\n", "alq/train.py": "# issue 9\n",
+                           "tests/test_x.py": '"""Issue 9, honest results."""\n',
+                           "dambq/DEVIATIONS.md": "# Fixed\n\n* Run layout (issue 9): ...\n"})
+    assert issue_number_mentions(root, skip=("alq/train.py",)) == [
         "apot/a.py:2: 'Issue #13'", "apot/a.py:3: 'issue 9'", "dambq/DEVIATIONS.md:3: 'issue 9'",
         "fdda/r.sh:1: 'issue 14'", "tests/test_x.py:1: 'Issue 9'"]
-    assert "alq/train.py:1: 'issue 9'" in issue_number_mentions(str(tmp_path))
+    assert "alq/train.py:1: 'issue 9'" in issue_number_mentions(root)
 
 
 @pytest.mark.parametrize("top", SCANNED)
@@ -307,14 +310,10 @@ def test_one_import_style_package_imports_only():
 
 
 def test_the_import_style_check_sees_flat_relative_and_sys_path(tmp_path):
-    for top in SCANNED:
-        os.makedirs(tmp_path / top)
-    (tmp_path / "alq" / "binarynet.py").write_text("")
-    (tmp_path / "alq" / "train.py").write_text("import os\nfrom binarynet import f\nfrom alq.binarynet import g\n")
-    (tmp_path / "dambq" / "model").mkdir()
-    (tmp_path / "dambq" / "model" / "__init__.py").write_text("from .layers import q\n")
-    (tmp_path / "fdda" / "main.py").write_text("import sys\nsys.path.insert(0, '..')\nimport model\n")
-    (tmp_path / "fdda" / "model.py").write_text("")
-    assert import_style_violations(str(tmp_path)) == [
+    root = tree(tmp_path, {"alq/binarynet.py": "",
+                           "alq/train.py": "import os\nfrom binarynet import f\nfrom alq.binarynet import g\n",
+                           "dambq/model/__init__.py": "from .layers import q\n",
+                           "fdda/main.py": "import sys\nsys.path.insert(0, '..')\nimport model\n", "fdda/model.py": ""})
+    assert import_style_violations(root) == [
         "alq/train.py:2: flat import of binarynet", "dambq/model/__init__.py:1: relative import",
         "fdda/main.py:2: sys.path.insert", "fdda/main.py:3: flat import of model"]
