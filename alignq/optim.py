@@ -11,9 +11,17 @@ and `p -= lr buf`: with m = 0.9 the update is 1.8 lr (g + wd p), no momentum. Th
 operations in that order without relying on gradient storage (any `zero_grad` mode works): a parameter whose
 buffer the original aliased re-reads its buffer as `0 + g` each step.
 `standard=True` gives torch.optim.SGD's update for every parameter (same float operations as here for the
-quantized weights)."""
+quantized weights).
+
+Also the loops' optimizers (make_optimizer), their learning-rate schedules and the paper's gradient scaling."""
+import bisect
+import math
+
 import torch
 from torch.optim import Optimizer
+
+from alignq.options import kind_of
+from alignq.quant import weight_cdf
 
 
 def quantized_indices(names, downsample=False):
@@ -71,3 +79,66 @@ class OriginalSGD(Optimizer):
                         and d is state["momentum_buffer"]):
                     state["aliased"] = True
         return loss
+
+
+# ------------------------------------------------------------------------------------------------ the loops' optimizers
+
+
+def scale_gradients(model, args):
+    """--grad_scaling: the paper's intended weight-gradient scaling (dead code in the original's SGD):
+    g <- g * lam * sig'(2 lam2 frac((w_hat + 0.5)(2^k - 1))) * 2 phi((w - mu) / sigma) / sigma, all quantized
+    convolutions but the first."""
+    n = 2 ** args.bitW - 1
+    convs = [m for m in model.modules() if hasattr(m, "quantize_fn") and getattr(m, "w_bit", 32) < 32][1:]
+    with torch.no_grad():
+        for m in convs:
+            w = m.weight
+            if w.grad is None:
+                continue
+            w_hat = weight_cdf(w)
+            sg = torch.sigmoid((((w_hat + 0.5) * n) % 1) * args.lam2 * 2)
+            z = (w - w.mean()) / w.std()
+            pdf = 2 * torch.exp(-0.5 * z * z) / (w.std() * math.sqrt(2 * math.pi))
+            w.grad.mul_(sg * (1 - sg) * args.lam * pdf)
+
+
+def cls_lr(args, epoch):
+    return args.lr * args.lr_gamma ** bisect.bisect_right(args.lr_decay_steps, epoch)
+
+
+def dann_lr(args, epoch):
+    """lr / (1 + 10 (epoch - 1) / E)^0.75; where the base is <= 0 (epoch 0 with E <= 10: a math error or a division
+    by zero in the original) epoch - 1 is taken as 0 (DEVIATIONS.md)."""
+    base = 1 + 10 * (epoch - 1) / args.num_epochs
+    if base <= 0:
+        base = 1.0
+    return args.lr / base ** 0.75
+
+
+def make_optimizer(model, args, lr, admm_params):
+    """SGD over the model; the ADMM Z/Gamma join it only in the domain-adaptation loops (as the original)."""
+    if kind_of(args) == "cls":
+        for n, p in model.named_parameters():   # Z/Gamma change only through the ADMM update here: no gradients
+            if n in admm_params:
+                p.requires_grad_(False)
+        named = [(n, p) for n, p in model.named_parameters() if n not in admm_params]
+        params = [p for _, p in named]
+        if args.method == "ours" and args.bitW < 32:   # the original's own SGD (alignq/optim.py)
+            return OriginalSGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                               standard_idx=quantized_indices([n for n, _ in named]), standard=args.standard_sgd)
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    heads = [getattr(model, n) for n in ("class_classifier", "classifier", "domain_classifier", "discriminator",
+                                         "bottle", "cls_fc") if hasattr(model, n)]
+    groups = [{"params": list(model.feature.parameters())}]
+    groups += [{"params": list(h.parameters()), "lr": lr} for h in heads]
+    seen = {id(p) for g in groups for p in g["params"]}
+    other = [p for p in model.parameters() if id(p) not in seen]
+    if other:
+        groups.append({"params": other, "lr": lr})
+    if args.experiment in ("dann_office", "dsan_office") and args.method == "ours" and args.bitW < 32:
+        # the original's own SGD, as its Office train() (dann_digit uses torch's); its idx is taken over the
+        # whole model's named parameters, Z/Gamma included, and read per group (alignq/optim.py)
+        idx = quantized_indices([n for n, _ in model.named_parameters()], downsample=True)
+        return OriginalSGD(groups, lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay,
+                           standard_idx=idx, standard=args.standard_sgd)
+    return torch.optim.SGD(groups, lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay)

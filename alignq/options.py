@@ -8,10 +8,12 @@ trailing slash. Additions: --data_dir everywhere, --no-pretrained, --experiment,
 """
 import argparse
 import math
+import os
 import re
 
+from alignq import baselines
 from common.checks import check_range, str2bool
-from common.data import data_root
+from common.data import OFFICE31_DOMAINS, data_root
 from common.errors import UserError
 
 # Per experiment: kind (cls: one labelled dataset; dann/dsan: source -> target), dataset, model flag, defaults
@@ -214,3 +216,51 @@ def parse_args(argv, experiment=None, admm=False, prog="main.py"):
                          ("img_size", 1, None), ("seed", 0, 2 ** 32 - 1)):
         check_range(f"--{flag}", getattr(args, flag), lo=lo, hi=hi)     # before any data is read: one line
     return args
+
+
+# ------------------------------------------------------------------------------------------------ what the flags say
+
+
+def kind_of(args):
+    return EXPERIMENTS[args.experiment]["kind"]
+
+
+def model_name(args):
+    return args.target_model if kind_of(args) == "cls" else args.model
+
+
+def is_fp32(args):
+    return args.bitW == 32 and args.abitW == 32
+
+
+def use_admm(args):
+    return bool(args.admm) and args.method == "ours" and args.abitW < 32
+
+
+def check_args(args):
+    """The checks that need more than one flag's value or the file system: the domains, a baseline's
+    bit-widths, the --resume/--refine files (before any work, as parse_args')."""
+    kind = kind_of(args)
+    if kind != "cls":
+        for side in ("src_data", "tgt_data"):
+            dom = getattr(args, side)
+            allowed = OFFICE31_DOMAINS if args.dataset == "office31" else ("mnist", "mnistm")
+            if dom not in allowed:
+                raise UserError(f"--{side} {dom!r} is not one of the {args.dataset} domains: choose "
+                                f"{', '.join(allowed)}")
+    if args.method != "ours":
+        baselines.check_bits(args.method, args.bitW, args.abitW)
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint")
+    if args.refine and not os.path.isfile(args.refine):
+        raise UserError(f"--refine {args.refine}: no such checkpoint")
+
+
+def setting_of(args):
+    """'FP32', 'W8A8', 'W8A8 ADMM', 'W4A4 dorefa' (shortened runs are told apart by their recipe)."""
+    s = "FP32" if is_fp32(args) else f"W{args.bitW}A{args.abitW}"
+    if args.method != "ours":
+        s += f" {args.method}"
+    elif use_admm(args):
+        s += " ADMM"
+    return s

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 
@@ -29,11 +30,17 @@ def uniform_q(v, k):
     return hard.detach() + (v - v.detach())    # value exactly `hard`, gradient exactly 1
 
 
+def std_normal_cdf2m1(z):
+    """2 Phi(z) - 1 of a standardised z as torch.distributions' cdf computes it: 0.5 (1 + erf(z / sqrt 2)) * 2 - 1.
+    erf(z / sqrt 2) is the same function but differs in the last bit."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2))) * 2 - 1
+
+
 def normal_cdf2m1(x, m, s):
     """2 Phi((x - m) / s) - 1 with the float operations of the original's `Normal(m, s).cdf(x) * 2 - 1`
-    (torch.distributions' cdf is 0.5 (1 + erf((x - m) s^-1 / sqrt 2))), without its argument validation, which
-    raises on NaN on modern torch. erf(z / sqrt 2) is the same function but differs in the last bit."""
-    return 0.5 * (1 + torch.erf((x - m) * s.reciprocal() / math.sqrt(2))) * 2 - 1
+    (torch.distributions standardises as (x - m) * s^-1), without its argument validation, which raises on NaN
+    on modern torch."""
+    return std_normal_cdf2m1((x - m) * s.reciprocal())
 
 
 def weight_cdf(w):
@@ -43,8 +50,11 @@ def weight_cdf(w):
 
 
 def act_cdf(x, act_range):
-    """a_hat = (2 Phi(x) - 1) R with the fixed standard normal (the original's m = zeros(1), s = ones(1))."""
-    return normal_cdf2m1(x, x.new_zeros(1), x.new_ones(1)) * act_range
+    """a_hat = (2 Phi(x) - 1) R with the fixed standard normal. The original's m = zeros(1), s = ones(1) are left
+    out: `x - (+0)` and `x * 1` return x for every float (-0, inf and NaN included) and their backward passes the
+    gradient through as `g` and `g * 1`, so values and gradients are the same bits, two forward passes and one
+    backward pass fewer per activation."""
+    return std_normal_cdf2m1(x) * act_range
 
 
 class WeightQuant(nn.Module):
@@ -90,18 +100,62 @@ class QConv2d(nn.Conv2d):
                         self.groups)
 
 
-def _standardise(x, eps):
-    centred = x - torch.mean(x, dim=0)     # mean before std, as the original's expression (autograd's order)
+def _standardised(x, eps):
+    """(centred, std, denominator, standardised): X - mean_0 (the mean before the std, as the original's
+    expression), the unbiased std_0, std_0 + eps, and their quotient."""
+    centred = x - torch.mean(x, dim=0)
     std = torch.std(x, dim=0)
-    return centred / (std + eps if eps else std)
+    den = std + eps if eps else std
+    return centred, std, den, centred / den
+
+
+def _standardise(x, eps):
+    return _standardised(x, eps)[3]
+
+
+class _Corr(torch.autograd.Function):
+    """corr(x, x) of the original with one standardisation: Xt is computed once (the original computes the same
+    bits twice), and the backward runs autograd's formulas for each of the original's two branches in the order
+    autograd runs them, so the gradient is the same sum of the same six terms in the same order:
+
+      Xt Yt^T / F          g <- g / F; Yt's gradient g^T Xt first, then Xt's g Yt (torch's mm backward)
+      per branch (Yt, Xt)  div: gc = gz / den, gden = sum_0(-gz * (Xt / den)); std: gvar = gden / (2 std), 0
+                           where std = 0; the terms, in autograd's order: (2 / (N - 1)) gvar (X - mean_0)
+                           [the std's], gc [the subtraction's], sum_0(-gc) / N [the mean's]
+
+    X - mean_0 and Xt / den are what autograd recomputes in the backward (std's and div's formulas); here they are
+    the forward's tensors, the same bits. tests/test_alignq_faithful.py compares it with the original's
+    expression bit for bit; the side-by-side test with the original over 20 iterations covers it in training."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        centred, std, den, z = _standardised(x, eps)
+        ctx.save_for_backward(centred, std, den, z)
+        return torch.matmul(z, torch.transpose(z, 0, 1)) / z.shape[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        centred, std, den, z = ctx.saved_tensors
+        n = z.shape[0]
+        scale = 2.0 / (n - 1) if n > 1 else math.inf     # torch's 2 / (N - correction) in double: inf at N = 1
+        g = g / z.shape[1]
+        gx = None
+        for gz in (g.t().mm(z), g.mm(z)):        # the second standardisation's branch runs first
+            gc = gz / den
+            gden = ((-gz) * (z / den)).sum(0, keepdim=True).view(-1)
+            gvar = (gden / (std * 2)).masked_fill_(std == 0, 0)
+            for term in ((gvar.unsqueeze(0) * scale) * centred, gc,
+                         (-gc).sum(0, keepdim=True).view(-1).unsqueeze(0).expand(n, -1) / n):
+                gx = term if gx is None else gx + term
+        return gx, None
 
 
 def corr(x, eps=0.0):
     """N x N sample correlation of a flattened batch: Xt Yt^T / F, Xt = Yt = (X - mean_0) / (std_0 + eps), std
-    unbiased. Standardised twice, as the original's corr(x, x): two autograd branches, whose backward sum is
-    part of the bitwise trajectory."""
-    xt, yt = _standardise(x, eps), _standardise(x, eps)
-    return torch.matmul(xt, torch.transpose(yt, 0, 1)) / xt.shape[1]
+    unbiased. The values and gradients of the original's corr(x, x), which standardises twice (two autograd
+    branches, whose backward sum is part of the bitwise trajectory), standardising once (_Corr)."""
+    return _Corr.apply(x, eps)
 
 
 class ADMM(nn.Module):

@@ -25,11 +25,11 @@ CASES = [
 
 def quantized_source(tmp_path):
     """An 8-bit ResNet-20 checkpoint (as an 8-bit run writes it) named as the FP32 source model."""
-    from alignq import engine
+    from alignq import checkpoints, engine
     from alignq.options import parse_args
     from common.checkpoint import save_checkpoint
     args = parse_args(["--bitW", "8", "--abitW", "8"], "resnet-20-cifar-10")
-    save_checkpoint(engine.state_of(engine.build_model(args), args, 1, 10.0, None, None),
+    save_checkpoint(checkpoints.state_of(engine.build_model(args), args, 1, 10.0, None, None),
                     str(tmp_path / "q8" / "model_best.pt"))
     return ["--source_dir", str(tmp_path / "q8"), "--source_file", "model_best.pt", "--bitW", "8", "--abitW", "8"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alignq import engine
+from alignq import checkpoints, engine, optim
 from alignq.baselines import (APoTConv2d, BWNWeight, ClampAct, DorefaWeight, LLSQAct, LLSQWeight, LSQQuantizer,
                               UniformWeight, apot_grid, scheme)
 from alignq.data import mnist_m
@@ -54,11 +54,11 @@ def test_office_split_is_deterministic_and_80_20(tmp_path):
 
 def test_dann_lr_fix():
     a = parse_args(["--num_epochs", "100"], "dann_office")
-    assert engine.dann_lr(a, 5) == pytest.approx(a.lr / (1 + 10 * 4 / 100) ** 0.75, rel=1e-12)
-    assert engine.dann_lr(a, 0) == pytest.approx(a.lr / (1 - 10 / 100) ** 0.75, rel=1e-12)   # the original at E > 10
+    assert optim.dann_lr(a, 5) == pytest.approx(a.lr / (1 + 10 * 4 / 100) ** 0.75, rel=1e-12)
+    assert optim.dann_lr(a, 0) == pytest.approx(a.lr / (1 - 10 / 100) ** 0.75, rel=1e-12)   # the original at E > 10
     for E in (1, 5, 10):           # math error (E < 10) / division by zero (E = 10) in the original: lr itself
         a = parse_args(["--num_epochs", str(E)], "dann_office")
-        assert engine.dann_lr(a, 0) == a.lr and math.isfinite(engine.dann_lr(a, E - 1))
+        assert optim.dann_lr(a, 0) == a.lr and math.isfinite(optim.dann_lr(a, E - 1))
 
 
 @pytest.mark.parametrize("experiment,admm,extra", [
@@ -185,12 +185,12 @@ def test_imagenet_weights_load_by_torchvision_names(tmp_path):
     torch.save(tv.state_dict(), path)
     a = parse_args(["--bitW", "32", "--abitW", "32", "--imagenet_weights", str(path)], "dann_office")
     model = engine.build_model(a)
-    engine.load_imagenet(model, engine.imagenet_weights(a))
+    checkpoints.load_imagenet(model, checkpoints.imagenet_weights(a))
     assert torch.equal(model.feature.layer3[2].conv2.weight, tv.layer3[2].conv2.weight)
     assert torch.equal(model.feature.layer4[0].downsample[1].running_var, tv.layer4[0].downsample[1].running_var)
     torch.save({"conv1.weight": torch.zeros(3)}, path)          # not a ResNet-50 file
     with pytest.raises(UserError, match="do not match ResNet-50"):
-        engine.load_imagenet(model, str(path))
+        checkpoints.load_imagenet(model, str(path))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignq import engine
+from alignq import engine, optim
 from alignq.options import parse_args
 from alignq.quant import weight_cdf
 from conftest import REPO, run_script
@@ -81,7 +81,7 @@ def test_grad_scaling_multiplies_by_the_papers_factor():
     convs = [c for c in m.modules() if hasattr(c, "quantize_fn")]
     for c in convs:
         c.weight.grad = torch.ones_like(c.weight)
-    engine.scale_gradients(m, a)
+    optim.scale_gradients(m, a)
     assert torch.equal(convs[0].weight.grad, torch.ones_like(convs[0].weight))   # the first conv is left alone
     w = convs[1].weight.detach()
     z = (w - w.mean()) / w.std()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from alignq.optim import OriginalSGD, quantized_indices
-from alignq.quant import ADMM, ActQuant, WeightQuant, act_cdf, admm_loss, normal_cdf2m1, weight_cdf
+from alignq.quant import ADMM, ActQuant, WeightQuant, act_cdf, admm_loss, corr, normal_cdf2m1, weight_cdf
 
 # binary fractions: every intermediate below is exact in float32, so the expected values are exact
 P0, G, WD, LR, M = 1.0, 0.5, 0.25, 0.125, 0.75
@@ -102,6 +102,91 @@ def test_cdf_is_the_originals_expression():
     assert not torch.equal(torch.erf(x / math.sqrt(2)) * 2.0, ref_a)
 
 
+def original_act_cdf(x, act_range):
+    """The original's activation expression written out: Normal(zeros(1), ones(1)).cdf(x) * 2 - 1, then * R."""
+    m, s = x.new_zeros(1), x.new_ones(1)
+    return (0.5 * (1 + torch.erf((x - m) * s.reciprocal() / math.sqrt(2))) * 2 - 1) * act_range
+
+
+def special_values(dtype):
+    info = torch.finfo(dtype)
+    return torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, info.tiny, -info.tiny, info.tiny / 4,
+                         -info.tiny / 4, info.max, -info.max, info.eps, 1.0, -1.0, 5.0, -5.0, 40.0, -40.0],
+                        dtype=dtype)
+
+
+def bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_act_cdf_without_zero_mean_and_unit_scale_is_the_same_bits(dtype):
+    """act_cdf leaves out the original's `- zeros(1)` and `* ones(1).reciprocal()`: every value and every
+    gradient has the original's bits (signed zeros, infinities, NaN, subnormals included; NaN compared by bits
+    too), for special gradients as well as random ones."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100_000, generator=g, dtype=dtype) * 3, special_values(dtype)])
+    gout = torch.cat([torch.randn(100_000, generator=g, dtype=dtype), special_values(dtype).flip(0)])
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = act_cdf(xa, 2.0), original_act_cdf(xb, 2.0)
+    assert torch.equal(bits(ya), bits(yb))
+    ya.backward(gout)
+    yb.backward(gout)
+    assert torch.equal(bits(xa.grad), bits(xb.grad))
+    assert bool(torch.isnan(xa.grad).any()) and bool((bits(xa.grad) == bits(torch.tensor(-0.0, dtype=dtype))).any())
+
+
+def test_act_quant_with_admm_gradients_are_the_originals_bits(monkeypatch):
+    """Through the whole activation quantizer with its ADMM term (the input's gradient is the sum of the CDF
+    branch and the two correlation branches): the same loss and input gradient bits as with the original's
+    expression."""
+    from alignq import quant
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(8, 4, 5, 5, generator=g) * 2
+    c = torch.randn(8, 4, 5, 5, generator=g)
+
+    def run():
+        torch.manual_seed(2)
+        q = ActQuant(4, admm_dim=8).train()
+        x = x0.clone().requires_grad_()
+        out = q(x)
+        loss = (out * c).sum() + q.loss
+        loss.backward()
+        return loss.detach(), x.grad
+    mine = run()
+    monkeypatch.setattr(quant, "act_cdf", original_act_cdf)
+    ref = run()
+    assert torch.equal(bits(mine[0]), bits(ref[0])) and torch.equal(bits(mine[1]), bits(ref[1]))
+
+
+def original_corr(x, y, eps=0.0):
+    """The original's corr(x, y) (called as corr(x, x)), with the project's optional eps in the denominator."""
+    x_std = (x - torch.mean(x, dim=0)) / (torch.std(x, dim=0) + eps if eps else torch.std(x, dim=0))
+    y_std = (y - torch.mean(y, dim=0)) / (torch.std(y, dim=0) + eps if eps else torch.std(y, dim=0))
+    return torch.matmul(x_std, torch.transpose(y_std, 0, 1)) / x_std.shape[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 300), (3, 50), (2, 40), (32, 2048)])
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_corr_standardising_once_is_the_originals_bits(dtype, shape, eps):
+    """corr standardises once and runs both of the original's backward branches itself: the same value and
+    input-gradient bits as autograd through the original's corr(x, x) (a constant column included: std 0, NaN
+    without eps, the std backward's zero mask). Both sides make the same matmul calls on the same shapes, so
+    this holds for any BLAS; summing the six gradient terms in another order changes bits on these inputs."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(*shape, generator=g, dtype=dtype) * 2 + 0.3
+    x0[:, 1] = 1.5
+    gc = torch.randn(shape[0], shape[0], generator=g, dtype=dtype)
+    xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ca, cb = corr(xa, eps), original_corr(xb, xb, eps)
+    assert torch.equal(bits(ca), bits(cb))
+    (ca * gc).sum().backward()
+    (cb * gc).sum().backward()
+    assert torch.equal(bits(xa.grad), bits(xb.grad))
+    assert bool(torch.isnan(xa.grad).any()) == (eps == 0.0)
+
+
 def test_one_and_32_bit_paths():
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert torch.equal(WeightQuant(1)(w), torch.tensor([-1.0, -1.0, 1.0, 1.0]))   # sign(w - mean)
@@ -193,11 +278,11 @@ def office_model(names):
 def office_run(experiment, flags, steps=4, base_lr=1.25):
     """`steps` steps of the loop's optimizer (lr 1.25: heads 1.25, feature 1.25 / 10 = 0.125, both exact) on
     the loss G * sum(p), every parameter's values after each step."""
-    from alignq import engine
+    from alignq import optim
     from alignq.options import parse_args
     args = parse_args(["--momentum", str(M), "--weight_decay", str(WD)] + flags, experiment)
     model = office_model(OFFICE_NAMES[experiment])
-    opt = engine.make_optimizer(model, args, base_lr, set())
+    opt = optim.make_optimizer(model, args, base_lr, set())
     values = {n: [p.item()] for n, p in model.named_parameters()}
     for _ in range(steps):
         opt.zero_grad()

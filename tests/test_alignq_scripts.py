@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignq import engine
+from alignq import checkpoints, engine, optim
 from alignq.models import CDFScheme, MODELS
 from alignq.options import parse_args
 from common.errors import UserError
@@ -34,7 +34,7 @@ def test_readme_commands_parse_verbatim():
     assert (a.source_dir, a.source_file, a.target_model, a.act_range) == \
         ("pretrained", "res20_32bit/model_best.pt", "resnet20_quant", 2.0)
     assert a.pretrained is True and a.num_epochs == 200 and a.weight_decay == 1e-4 and a.lr == 0.04
-    assert engine.source_candidates(a) == ["pretrained/res20_32bit/model_best.pt",
+    assert checkpoints.source_candidates(a) == ["pretrained/res20_32bit/model_best.pt",
                                            "pretrained/ours/res20_32bit/model_best.pt"]
     d = parse_args(shlex.split(README_DANN), "dann_office", admm=True)
     assert d.train_split is True and (d.src_data, d.tgt_data) == ("dslr", "webcam") and d.admm is True
@@ -157,7 +157,7 @@ def test_pretrain_quantize_evaluate_resume_reset(tmp_path):
         engine.run(["--bitW", "32", "--abitW", "32", "--num_epochs", "1", "--job_dir", str(tmp_path / "exp" / "x")]
                    + common, "resnet-20-cifar-10")
     with pytest.raises(UserError, match="refuses"):
-        engine.safe_reset(str(tmp_path / "data"))        # not a run directory: never removed
+        checkpoints.safe_reset(str(tmp_path / "data"))        # not a run directory: never removed
     assert (tmp_path / "data" / "cifar-10-batches-py").is_dir()
     from common.results import read_records
     recs = read_records("alignq", str(tmp_path / "results"))
@@ -189,7 +189,7 @@ def test_real_cifar_loss_falls(bits):
     x, y = real_cifar_batches()
     args = parse_args(["--bitW", str(bits), "--abitW", str(bits), ], "resnet-20-cifar-10")
     model = engine.build_model(args)
-    opt = engine.make_optimizer(model, args, 0.04, set())
+    opt = optim.make_optimizer(model, args, 0.04, set())
     loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
     args.print_freq = 10 ** 6
 

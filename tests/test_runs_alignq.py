@@ -1,7 +1,7 @@
-"""Issue 9 on AlignQ (alignq/engine.py, every cdf_alignment*/ main.py): checks before any data is read, the
-device, seed and whole-run estimate printed at start, evaluation records that carry the seed, and the run
-layout (each run in runs/alignq/<job_dir basename>-<time>/, --job_dir a link to the latest). Tiny generated
-CIFAR-10, in-process."""
+"""The AlignQ runs (alignq/engine.py, alignq/checkpoints.py, every cdf_alignment*/ main.py): checks before any
+data is read, the device, seed and whole-run estimate printed at start, evaluation records that carry the seed,
+and the run layout (each run in runs/alignq/<job_dir basename>-<time>/, --job_dir a link to the latest). Tiny
+generated CIFAR-10, in-process."""
 import json
 import os
 import shutil
@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from alignq import engine
+from alignq import checkpoints, engine
 from common import interrupt
 from common.errors import UserError
 from test_alignq_scripts import make_cifar
@@ -204,7 +204,7 @@ def test_resume_refuses_changed_optimisation_flags_and_refine(tmp_path):
     argv = tiny(tmp_path, epochs=1)
     engine.run(argv, "resnet-20-cifar-10")
     last = os.path.join(str(tmp_path / "job"), "checkpoint", "model_last.pt")
-    assert set(torch.load(last, weights_only=True)["flags"]) == set(engine.RESUME_FLAGS)
+    assert set(torch.load(last, weights_only=True)["flags"]) == set(checkpoints.RESUME_FLAGS)
     before = sorted(os.listdir(run_dirs()[0]))
     with pytest.raises(UserError, match=r"was trained with --lr .* but this run has --lr 0.123; .*\(--refine\)"):
         engine.run(argv + ["--lr", "0.123", "--resume", last], "resnet-20-cifar-10")

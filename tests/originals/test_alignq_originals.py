@@ -124,11 +124,11 @@ class NullLog:
 
 
 def project_run(model, batches, extra=()):
-    from alignq import engine
+    from alignq import engine, optim as project_optim, quant
     from alignq.options import parse_args
     args = parse_args(["--experiment", "resnet-20-cifar-10", "--admm", "True", "--print_freq", "100000"]
                       + FLAGS + list(extra))
-    opt = engine.make_optimizer(model, args, args.lr, engine.admm_param_names(model))
+    opt = project_optim.make_optimizer(model, args, args.lr, quant.admm_param_names(model))
     _, _, history, _ = engine.train_cls(model, batches, opt, args, torch.device("cpu"), 0, NullLog())
     return history
 
@@ -172,7 +172,7 @@ def test_resnet20_w8a8_admm_bitwise():
 def _erf_cdf(mp):
     import math
     from alignq import quant
-    mp.setattr(quant, "normal_cdf2m1", lambda x, m, s: torch.erf((x - m) / (s * math.sqrt(2))))
+    mp.setattr(quant, "std_normal_cdf2m1", lambda z: torch.erf(z / math.sqrt(2)))   # weights and activations
 
 
 def _gamma_over_rho(mp):
@@ -248,7 +248,7 @@ def load_office_optimizer(experiment):
 def test_office_sgd_bitwise(experiment, extra):
     """20 steps of the Office SGD (momentum 0.9, weight decay 5e-4, feature lr LR/10) on a loss with
     parameter-dependent gradients: the default equals the original bit for bit; --standard_sgd departs."""
-    from alignq import engine
+    from alignq import optim as project_optim
     from alignq.options import parse_args
     from tests.test_alignq_faithful import OFFICE_NAMES, office_model
     optim = load_office_optimizer(experiment)
@@ -260,14 +260,14 @@ def test_office_sgd_bitwise(experiment, extra):
             p.copy_(torch.randn(p.shape, generator=g))
     mine.load_state_dict(ref.state_dict())
     heads = ("class_classifier", "domain_classifier") if experiment == "dann_office" else ("bottle", "cls_fc")
-    lr = engine.dann_lr(args, 3)
+    lr = project_optim.dann_lr(args, 3)
     heads_params = [[p for n, p in ref.named_parameters() if n.startswith(h + ".")] for h in heads]
     opt_ref = optim.SGD([{"params": [p for n, p in ref.named_parameters() if n.startswith("feature.")]}]
                         + [{"params": ps, "lr": lr} for ps in heads_params],
                         lr=lr / 10, momentum=args.momentum, weight_decay=args.weight_decay)
     names = [n for n, _ in ref.named_parameters()]
     idx = [j for j, n in enumerate(names) if ("conv" in n or "downsample.0" in n) and "weight" in n][1:]
-    opt_mine = engine.make_optimizer(mine, args, lr, set())
+    opt_mine = project_optim.make_optimizer(mine, args, lr, set())
     coef = torch.randn(len(names), generator=g)
 
     def loss(model):
